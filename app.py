@@ -1,0 +1,1294 @@
+"""SensorFlow Server: takes sensor readings over HTTP, stores them, and streams them live.
+
+A board posts a reading (a sensor id and some measured fields) with its API key. The server
+validates it, commits it to the store, pushes it to every WebSocket subscriber and answers 201
+with the stored reading. People read the data back as the latest reading, history, buckets or CSV.
+
+Routes:
+    POST /api/v1/temperature_reading      one reading (JSON or form)
+    POST /api/v1/readings                 a batch of readings (JSON array)
+    GET  /api/v1/sensor/{id}/latest       the sensor's latest reading
+    GET  /api/v1/sensor/{id}/readings     history as JSON or CSV, raw or in time buckets
+    GET  /api/v1/sensors                  every sensor, with silent ones marked
+    WS   /ws/sensor_updates               live readings
+    GET  /api/v1/health, /api/v1/ping     state, without a key
+    GET  /                                the built-in dashboard
+
+Settings come from the environment or a `.env` file; every one has a safe default (see README).
+The store is SQLite in WAL mode; one writer commits whatever has accumulated in one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import socket
+import sqlite3
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from urllib.parse import parse_qsl
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from dotenv import load_dotenv
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+VERSION = "1.0.0"
+HERE = Path(__file__).resolve().parent
+log = logging.getLogger("sensorflow")
+
+
+# --- Settings ------------------------------------------------------------------------------
+
+DEFAULT_FIELDS = "temperature,humidity,pressure"
+# Wide enough for freezers and thermocouples, narrow enough to refuse the error values
+# boards send (-999, 0 hPa from an unwired barometer, 6553.5 from a failed read).
+DEFAULT_RANGES = "temperature:-100:1500,humidity:0:100,pressure:>0:20000"
+FIELD_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+RESERVED_NAMES = {
+    "id",
+    "sensor_id",
+    "timestamp",
+    "date_recorded",
+    "time_recorded",
+    "clock",
+    "client_ip",
+    "readings",
+}
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used; the server refuses to start and says which."""
+
+
+@dataclass(frozen=True)
+class FieldRange:
+    low: float
+    high: float
+    low_inclusive: bool = True
+
+    def holds(self, value: float) -> bool:
+        above = value >= self.low if self.low_inclusive else value > self.low
+        return above and value <= self.high
+
+    def describe(self) -> str:
+        opening = "from" if self.low_inclusive else "above"
+        return f"{opening} {self.low:g} to {self.high:g}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str
+    port: int
+    sqlite_path: Path
+    api_keys: tuple[str, ...]
+    ws_keys: tuple[str, ...]
+    fields: tuple[str, ...]
+    ranges: dict[str, FieldRange]
+    max_body_bytes: int
+    max_batch: int
+    max_ws_per_key: int
+    ws_queue_size: int
+    timezone: ZoneInfo
+    log_level: str
+
+
+def split_list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def read_int(env: dict[str, str], name: str, default: int, minimum: int = 1) -> int:
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise SettingsError(f"{name} must be a whole number, got {text!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def parse_ranges(text: str) -> dict[str, FieldRange]:
+    """Parse `name:low:high` entries; a low bound written `>0` excludes the bound itself."""
+    ranges = {}
+    for entry in split_list(text):
+        parts = entry.split(":")
+        if len(parts) != 3:
+            raise SettingsError(f"FIELD_RANGES entry {entry!r} is not name:low:high")
+        name, low, high = (part.strip() for part in parts)
+        exclusive = low.startswith(">")
+        try:
+            bounds = FieldRange(float(low.lstrip(">")), float(high), not exclusive)
+        except ValueError:
+            raise SettingsError(f"FIELD_RANGES entry {entry!r}: a bound is not a number") from None
+        if not bounds.low < bounds.high:
+            raise SettingsError(f"FIELD_RANGES entry {entry!r}: low must be below high")
+        ranges[name] = bounds
+    return ranges
+
+
+def load_settings(env: dict[str, str] | None = None) -> Settings:
+    """Read every setting once, from the environment and an optional `.env` file."""
+    if env is None:
+        load_dotenv(Path.cwd() / ".env")
+        env = dict(os.environ)
+
+    fields = split_list(env.get("FIELDS", "") or DEFAULT_FIELDS)
+    for name in fields:
+        if not FIELD_NAME.fullmatch(name) or name in RESERVED_NAMES:
+            raise SettingsError(f"FIELDS: {name!r} must be lowercase letters, digits and _")
+    ranges = parse_ranges(DEFAULT_RANGES) | parse_ranges(env.get("FIELD_RANGES", ""))
+
+    zone_name = env.get("TIMEZONE", "").strip() or "UTC"
+    try:
+        zone = ZoneInfo(zone_name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise SettingsError(f"TIMEZONE {zone_name!r} is not a known time zone") from None
+
+    api_keys = split_list(env.get("API_KEY", ""))
+    return Settings(
+        host=env.get("HOST", "").strip() or "0.0.0.0",
+        port=read_int(env, "PORT", 8000),
+        sqlite_path=Path(env.get("SQLITE_PATH", "").strip() or "sensorflow.db"),
+        api_keys=api_keys,
+        ws_keys=split_list(env.get("API_KEY_WS", "")) or api_keys,
+        fields=fields,
+        ranges={name: ranges[name] for name in fields if name in ranges},
+        max_body_bytes=read_int(env, "MAX_BODY_BYTES", 256 * 1024),
+        max_batch=read_int(env, "MAX_BATCH", 1000),
+        max_ws_per_key=read_int(env, "MAX_WS_CONNECTIONS_PER_KEY", 10),
+        ws_queue_size=read_int(env, "WS_QUEUE_SIZE", 1000),
+        timezone=zone,
+        log_level=(env.get("LOG_LEVEL", "").strip() or "INFO").upper(),
+    )
+
+
+def ensure_api_key(settings: Settings) -> Settings:
+    """Never run open: without a configured key, create one beside the database and reuse it."""
+    if settings.api_keys:
+        return settings
+    key_path = settings.sqlite_path.with_name(settings.sqlite_path.name + ".key")
+    if key_path.exists():
+        key = key_path.read_text().strip()
+        log.info("using the API key saved in %s", key_path)
+    else:
+        key = secrets.token_urlsafe(32)
+        key_path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(key + "\n")
+        # Shown once, on the console, so the person who started the server can copy it.
+        print(
+            f"\nNo API_KEY was set, so one was generated and saved in {key_path}:\n\n    {key}\n\n"
+            "Boards send it in the X-API-Key header; WebSocket clients add ?api-key=... .\n",
+            file=sys.stderr,
+            flush=True,
+        )
+    keys = (key,)
+    return Settings(**{**settings.__dict__, "api_keys": keys, "ws_keys": settings.ws_keys or keys})
+
+
+# --- Readings ------------------------------------------------------------------------------
+
+SENSOR_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+PLAIN_DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)")
+EARLIEST_DEVICE_MS = 1_577_836_800_000  # 2020-01-01T00:00:00Z: before it, the clock is unset
+FUTURE_SLACK_MS = 5 * 60 * 1000
+MILLISECONDS_FROM = 100_000_000_000  # a larger epoch number is in milliseconds, not seconds
+
+
+class ApiError(Exception):
+    """An error a client sees as JSON {"error", "detail"} with a precise status code."""
+
+    def __init__(self, status: int, error: str, detail: object = None) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+        self.detail = detail
+
+
+class ReadingError(ValueError):
+    """A reading that fails validation; `field` names what is wrong."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+class Reading:
+    """One measurement set from one sensor at one time."""
+
+    __slots__ = ("id", "sensor_id", "values", "ts_ms", "device_clock", "client_ip")
+
+    def __init__(
+        self,
+        sensor_id: str,
+        values: dict[str, float],
+        ts_ms: int | None,
+        client_ip: str,
+        id: int | None = None,
+        device_clock: bool = True,
+    ) -> None:
+        self.id = id
+        self.sensor_id = sensor_id
+        self.values = values
+        self.ts_ms = ts_ms
+        self.device_clock = ts_ms is not None and device_clock
+        self.client_ip = client_ip
+
+    def as_dict(self, zone: ZoneInfo) -> dict:
+        local = datetime.fromtimestamp(self.ts_ms / 1000, zone)
+        return {
+            "id": self.id,
+            "sensor_id": self.sensor_id,
+            **self.values,
+            "timestamp": format_timestamp(self.ts_ms),
+            "date_recorded": local.strftime("%Y-%m-%d"),
+            "time_recorded": local.strftime("%H:%M:%S"),
+            "clock": "device" if self.device_clock else "server",
+            "client_ip": self.client_ip,
+        }
+
+
+def format_timestamp(ms: int) -> str:
+    """RFC 3339 in UTC with milliseconds: 2026-12-04T15:33:54.123Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+
+
+def parse_number(field: str, value: object, bounds: FieldRange | None) -> float:
+    """A JSON number or a plain decimal string, finite and within the field's range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        kind = "null" if value is None else type(value).__name__
+        kind = {"bool": "a boolean", "dict": "an object", "list": "a list"}.get(kind, kind)
+        raise ReadingError(field, f"{field} must be a number, not {kind}")
+    if isinstance(value, str):
+        if not PLAIN_DECIMAL.fullmatch(value.strip()):
+            raise ReadingError(field, f"{field} must be a plain decimal number, got {value[:20]!r}")
+        value = value.strip()
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ReadingError(field, f"{field} must be a finite number")
+    if bounds is not None and not bounds.holds(number):
+        raise ReadingError(field, f"{field} {number:g} is out of range ({bounds.describe()})")
+    return number
+
+
+def parse_time(name: str, value: object) -> int:
+    """An RFC 3339 string, or epoch seconds or milliseconds (told apart by size), as epoch ms."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ReadingError(name, f"{name} must be an RFC 3339 string or epoch seconds/ms")
+    if isinstance(value, str):
+        text = value.strip()
+        if PLAIN_DECIMAL.fullmatch(text):
+            value = float(text)
+        else:
+            try:
+                moment = datetime.fromisoformat(text.replace("z", "Z"))
+            except ValueError:
+                raise ReadingError(name, f"{name} {value[:40]!r} is not RFC 3339") from None
+            if moment.tzinfo is None:
+                raise ReadingError(name, f"{name} needs a time zone offset, such as Z")
+            return round(moment.timestamp() * 1000)
+    if not math.isfinite(value) or abs(value) > 1e15:
+        raise ReadingError(name, f"{name} is not a usable epoch time")
+    return round(value if abs(value) >= MILLISECONDS_FROM else value * 1000)
+
+
+def parse_reading(data: object, settings: Settings, client_ip: str, now_ms: int) -> Reading:
+    """Validate what a device sent; unknown keys are ignored so newer firmware keeps working."""
+    if not isinstance(data, dict):
+        raise ReadingError("reading", "a reading must be a JSON object")
+    sensor_id = data.get("sensor_id")
+    if sensor_id is None or sensor_id == "":
+        raise ReadingError("sensor_id", "sensor_id is missing")
+    if not isinstance(sensor_id, str) or not SENSOR_ID.fullmatch(sensor_id):
+        raise ReadingError("sensor_id", "sensor_id must be 1-64 letters, digits or _ - . :")
+
+    values = {}
+    for field in settings.fields:
+        if field in data:
+            values[field] = parse_number(field, data[field], settings.ranges.get(field))
+    if not values:
+        raise ReadingError(
+            "reading", f"a reading needs at least one of: {', '.join(settings.fields)}"
+        )
+
+    ts_ms = None
+    if data.get("timestamp") is not None:
+        ts_ms = parse_time("timestamp", data["timestamp"])
+        if not EARLIEST_DEVICE_MS <= ts_ms <= now_ms + FUTURE_SLACK_MS:
+            ts_ms = None  # the board's clock is not set: the server's clock is used instead
+    return Reading(sensor_id, values, ts_ms, client_ip)
+
+
+class ServerClock:
+    """Gives readings without device time a server timestamp no other reading of that sensor has."""
+
+    def __init__(self, last_ms: dict[str, int]) -> None:
+        self.last_ms = last_ms
+
+    def stamp(self, readings: Iterable[Reading]) -> None:
+        """Stamp in order; within one request the stamps also strictly increase."""
+        previous = 0
+        now_ms = time.time_ns() // 1_000_000
+        for reading in readings:
+            if reading.ts_ms is not None:
+                continue
+            stamp = max(now_ms, previous + 1, self.last_ms.get(reading.sensor_id, 0) + 1)
+            reading.ts_ms = previous = self.last_ms[reading.sensor_id] = stamp
+            reading.device_clock = False
+
+
+# --- Storage -------------------------------------------------------------------------------
+
+
+class StoreError(Exception):
+    """The store cannot take writes; the client gets 503 and nothing is acknowledged."""
+
+
+@dataclass
+class WriteResult:
+    stored: list[Reading]
+    duplicates: list[Reading]
+
+
+class SQLiteStore:
+    """Readings in one SQLite file (WAL). Only the writer thread writes; reads use their own."""
+
+    def __init__(self, path: Path, fields: tuple[str, ...]) -> None:
+        self.path = path
+        self.fields = fields
+        self.columns = ", ".join(f'"{name}"' for name in fields)
+        self.insert_sql = (
+            f"INSERT OR IGNORE INTO readings (id, sensor_id, ts_ms, device_clock, client_ip,"
+            f" {self.columns}) VALUES ({', '.join('?' * (5 + len(fields)))})"
+        )
+        self.writer: sqlite3.Connection | None = None
+        self.reader: sqlite3.Connection | None = None
+        self.next_id = 1
+        self.sensor_fields: dict[str, set[str]] = {}
+        self.last_server_ms: dict[str, int] = {}
+        self.write_error: str | None = None
+        self.commits = 0
+
+    def connect(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        connection.execute("PRAGMA journal_mode=WAL")
+        # FULL syncs the WAL on every commit: an acknowledged reading survives a power cut.
+        connection.execute("PRAGMA synchronous=FULL")
+        connection.execute("PRAGMA busy_timeout=5000")
+        return connection
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.writer = self.connect()
+        self.writer.executescript("""
+            CREATE TABLE IF NOT EXISTS readings (
+                id INTEGER PRIMARY KEY, sensor_id TEXT NOT NULL, ts_ms INTEGER NOT NULL,
+                device_clock INTEGER NOT NULL, client_ip TEXT NOT NULL);
+            CREATE UNIQUE INDEX IF NOT EXISTS readings_by_sensor_time ON readings(sensor_id, ts_ms);
+            CREATE TABLE IF NOT EXISTS sensors (
+                sensor_id TEXT PRIMARY KEY, first_ms INTEGER, last_ms INTEGER, count INTEGER,
+                fields TEXT, last_server_ms INTEGER);
+            CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+        """)
+        known = {row[1] for row in self.writer.execute("PRAGMA table_info(readings)")}
+        for name in self.fields:
+            if name not in known:  # a field added to FIELDS gets its column; old rows keep NULL
+                self.writer.execute(f'ALTER TABLE readings ADD COLUMN "{name}" REAL')
+        self.next_id = (self.writer.execute("SELECT max(id) FROM readings").fetchone()[0] or 0) + 1
+        for sensor_id, fields, last_server_ms in self.writer.execute(
+            "SELECT sensor_id, fields, last_server_ms FROM sensors"
+        ):
+            self.sensor_fields[sensor_id] = set(filter(None, fields.split(",")))
+            self.last_server_ms[sensor_id] = last_server_ms or 0
+        self.reader = self.connect()
+
+    def close(self) -> None:
+        for connection in (self.writer, self.reader):
+            if connection is not None:
+                connection.close()
+
+    # Writing: called only from the writer thread.
+
+    def write(self, jobs: list[list[Reading]]) -> list[WriteResult]:
+        """Insert every job's readings in one transaction; duplicates are skipped, not stored."""
+        first_id = self.next_id
+        rows = []
+        for job in jobs:
+            for reading in job:
+                reading.id = self.next_id
+                self.next_id += 1
+                rows.append(self.row(reading))
+        try:
+            if self.writer is None:
+                self.writer = self.connect()
+            self.writer.execute("BEGIN IMMEDIATE")
+            self.writer.executemany(
+                self.insert_sql,
+                rows,
+            )
+            inserted = {
+                row[0]
+                for row in self.writer.execute("SELECT id FROM readings WHERE id >= ?", (first_id,))
+            }
+            results = [self.sort_out(job, inserted) for job in jobs]
+            self.update_sensors(reading for result in results for reading in result.stored)
+            self.writer.execute("COMMIT")
+        except sqlite3.Error as error:
+            self.fail(error)
+            self.next_id = first_id
+            raise StoreError(describe_store_error(error)) from error
+        self.write_error = None
+        self.commits += 1
+        return results
+
+    def row(self, reading: Reading) -> tuple:
+        values = reading.values
+        return (
+            reading.id,
+            reading.sensor_id,
+            reading.ts_ms,
+            int(reading.device_clock),
+            reading.client_ip,
+            *[values.get(name) for name in self.fields],
+        )
+
+    def sort_out(self, job: list[Reading], inserted: set[int]) -> WriteResult:
+        """Split a job into stored readings and duplicates of readings already stored."""
+        result = WriteResult([], [])
+        for reading in job:
+            if reading.id in inserted:
+                result.stored.append(reading)
+            elif not reading.device_clock:
+                self.insert_at_next_free_ms(reading)
+                result.stored.append(reading)
+            else:
+                result.duplicates.append(reading)
+        if len(job) == 1 and result.duplicates:
+            result.duplicates = [self.find(job[0].sensor_id, job[0].ts_ms, self.writer)]
+        return result
+
+    def insert_at_next_free_ms(self, reading: Reading) -> None:
+        """A server-stamped reading that met a device reading at the same ms moves one ms on."""
+        while True:
+            reading.ts_ms += 1
+            cursor = self.writer.execute(
+                self.insert_sql,
+                self.row(reading),
+            )
+            if cursor.rowcount == 1:
+                return
+
+    def update_sensors(self, readings: Iterable[Reading]) -> None:
+        summary: dict[str, list] = {}
+        for reading in readings:
+            entry = summary.setdefault(reading.sensor_id, [reading.ts_ms, reading.ts_ms, 0, 0])
+            entry[0] = min(entry[0], reading.ts_ms)
+            entry[1] = max(entry[1], reading.ts_ms)
+            entry[2] += 1
+            if not reading.device_clock:
+                entry[3] = max(entry[3], reading.ts_ms)
+            self.sensor_fields.setdefault(reading.sensor_id, set()).update(reading.values)
+        self.writer.executemany(
+            "INSERT INTO sensors VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(sensor_id) DO UPDATE SET"
+            " first_ms = min(first_ms, excluded.first_ms),"
+            " last_ms = max(last_ms, excluded.last_ms),"
+            " count = count + excluded.count, fields = excluded.fields,"
+            " last_server_ms = max(last_server_ms, excluded.last_server_ms)",
+            [
+                (
+                    sensor_id,
+                    first,
+                    last,
+                    count,
+                    ",".join(sorted(self.sensor_fields[sensor_id])),
+                    server,
+                )
+                for sensor_id, (first, last, count, server) in summary.items()
+            ],
+        )
+
+    def fail(self, error: sqlite3.Error) -> None:
+        """Roll back and drop the connection, so the next write starts on a fresh one."""
+        self.write_error = describe_store_error(error)
+        try:
+            self.writer.close()
+        except (sqlite3.Error, AttributeError):
+            pass
+        self.writer = None
+
+    def probe(self) -> None:
+        """Write one small row, to learn whether the store takes writes again."""
+        try:
+            if self.writer is None:
+                self.writer = self.connect()
+            self.writer.execute("INSERT OR REPLACE INTO meta VALUES ('probe', ?)", (time.time(),))
+        except sqlite3.Error as error:
+            self.fail(error)
+            raise StoreError(describe_store_error(error)) from error
+        self.write_error = None
+
+    # Reading: called from the reader thread.
+
+    def find(self, sensor_id: str, ts_ms: int, connection: sqlite3.Connection) -> Reading:
+        row = connection.execute(
+            self.select("WHERE sensor_id = ? AND ts_ms = ?"), (sensor_id, ts_ms)
+        ).fetchone()
+        return self.reading(row)
+
+    def select(self, where: str) -> str:
+        return (
+            f"SELECT id, sensor_id, ts_ms, device_clock, client_ip, {self.columns}"
+            f" FROM readings {where}"
+        )
+
+    def reading(self, row: tuple) -> Reading:
+        values = {
+            name: value
+            for name, value in zip(self.fields, row[5:], strict=True)
+            if value is not None
+        }
+        return Reading(row[1], values, row[2], row[4], id=row[0], device_clock=bool(row[3]))
+
+    def latest(self, sensor_id: str) -> Reading | None:
+        row = self.reader.execute(
+            self.select("WHERE sensor_id = ? ORDER BY ts_ms DESC LIMIT 1"), (sensor_id,)
+        ).fetchone()
+        return self.reading(row) if row else None
+
+    def history(
+        self, sensor_id: str, start_ms: int, end_ms: int, limit: int, descending: bool
+    ) -> Iterator[list[Reading]]:
+        """The sensor's readings in [start, end], in chunks so an export never sits in memory."""
+        cursor = self.reader.execute(
+            self.select(
+                "WHERE sensor_id = ? AND ts_ms BETWEEN ? AND ? ORDER BY ts_ms "
+                + ("DESC" if descending else "ASC")
+                + " LIMIT ?"
+            ),
+            (sensor_id, start_ms, end_ms, limit),
+        )
+        while rows := cursor.fetchmany(HISTORY_CHUNK):
+            yield [self.reading(row) for row in rows]
+
+    def buckets(
+        self,
+        sensor_id: str,
+        start_ms: int,
+        end_ms: int,
+        every_ms: int,
+        limit: int,
+        descending: bool,
+    ) -> Iterator[list[tuple]]:
+        """One row per time bucket: bucket start, count, then min, mean and max of each field."""
+        stats = ", ".join(f'min("{n}"), avg("{n}"), max("{n}")' for n in self.fields)
+        cursor = self.reader.execute(
+            f"SELECT ts_ms / ? * ? AS bucket, count(*), {stats} FROM readings"
+            " WHERE sensor_id = ? AND ts_ms BETWEEN ? AND ? GROUP BY bucket ORDER BY bucket "
+            + ("DESC" if descending else "ASC")
+            + " LIMIT ?",
+            (every_ms, every_ms, sensor_id, start_ms, end_ms, limit),
+        )
+        while rows := cursor.fetchmany(HISTORY_CHUNK):
+            yield rows
+
+    def sensors(self) -> list[tuple[str, int, int, int, list[str], Reading | None]]:
+        rows = self.reader.execute(
+            "SELECT sensor_id, first_ms, last_ms, count, fields FROM sensors ORDER BY sensor_id"
+        )
+        return [
+            (sensor_id, first, last, count, fields.split(","), self.latest(sensor_id))
+            for sensor_id, first, last, count, fields in rows.fetchall()
+        ]
+
+
+HISTORY_CHUNK = 1000
+
+
+def describe_store_error(error: sqlite3.Error) -> str:
+    text = str(error).lower()
+    if "full" in text:
+        return "the disk holding the database is full"
+    if "readonly" in text or "read-only" in text:
+        return "the database file is read-only"
+    return f"the database cannot be written ({error.__class__.__name__})"
+
+
+class Writer:
+    """The single writer: commits whatever has accumulated in one transaction, then tells
+    subscribers and the waiting requests, in the order the readings were stored."""
+
+    def __init__(self, store: SQLiteStore, subscribers: Subscribers, zone: ZoneInfo) -> None:
+        self.store = store
+        self.subscribers = subscribers
+        self.zone = zone
+        self.pending: list[tuple[list[Reading], asyncio.Future]] = []
+        self.wakeup = asyncio.Event()
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sensorflow-writer")
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self.run())
+
+    async def stop(self) -> None:
+        while self.pending:  # let the last requests be committed before shutting down
+            await asyncio.sleep(0.01)
+        if self.task:
+            self.task.cancel()
+        self.thread.shutdown(wait=True)
+
+    async def write(self, readings: list[Reading]) -> WriteResult:
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append((readings, future))
+        self.wakeup.set()
+        return await future
+
+    async def probe(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self.thread, self.store.probe)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self.wakeup.wait()
+            self.wakeup.clear()
+            jobs, self.pending = self.pending, []
+            if not jobs:
+                continue
+            try:
+                results = await loop.run_in_executor(
+                    self.thread, self.store.write, [readings for readings, _ in jobs]
+                )
+            except StoreError as error:
+                log.warning("write failed: %s", error)
+                for _, future in jobs:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            for (_, future), result in zip(jobs, results, strict=True):
+                for reading in result.stored:
+                    self.subscribers.publish(reading, self.zone)
+                if not future.done():
+                    future.set_result(result)
+
+
+# --- Live updates ---------------------------------------------------------------------------
+
+
+class Subscriber:
+    """One live WebSocket client with a bounded queue of messages waiting to be sent."""
+
+    __slots__ = ("queue", "sensor_id", "key", "overflowed")
+
+    def __init__(self, sensor_id: str | None, key: str, queue_size: int) -> None:
+        self.queue: asyncio.Queue[str] = asyncio.Queue(queue_size)
+        self.sensor_id = sensor_id
+        self.key = key
+        self.overflowed = asyncio.Event()
+
+
+class Subscribers:
+    """Every live subscriber; a slow one is dropped instead of slowing ingestion."""
+
+    def __init__(self, per_key: int, queue_size: int) -> None:
+        self.per_key = per_key
+        self.queue_size = queue_size
+        self.live: set[Subscriber] = set()
+        self.count_by_key: Counter[str] = Counter()
+        self.dropped = 0
+
+    def join(self, key: str, sensor_id: str | None) -> Subscriber | None:
+        if self.count_by_key[key] >= self.per_key:
+            return None
+        subscriber = Subscriber(sensor_id, key, self.queue_size)
+        self.live.add(subscriber)
+        self.count_by_key[key] += 1
+        return subscriber
+
+    def leave(self, subscriber: Subscriber) -> None:
+        if subscriber in self.live:
+            self.live.discard(subscriber)
+            self.count_by_key[subscriber.key] -= 1
+
+    def publish(self, reading: Reading, zone: ZoneInfo) -> None:
+        if not self.live:
+            return
+        message = json.dumps(reading.as_dict(zone), separators=(",", ":"))
+        for subscriber in list(self.live):
+            if subscriber.sensor_id not in (None, reading.sensor_id):
+                continue
+            try:
+                subscriber.queue.put_nowait(message)
+            except asyncio.QueueFull:
+                self.dropped += 1
+                self.leave(subscriber)
+                subscriber.overflowed.set()
+                log.warning("dropped a subscriber that fell %d messages behind", self.queue_size)
+
+
+# --- Routes ---------------------------------------------------------------------------------
+
+JSON_TYPES = {"", "application/json", "text/plain"}
+FORM_TYPE = "application/x-www-form-urlencoded"
+MAX_HISTORY_LIMIT = 100_000
+DEFAULT_HISTORY_MS = 24 * 3600 * 1000
+EVERY = re.compile(r"([1-9]\d{0,5})(s|m|h|d)")
+UNIT_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def keys_match(given: str | None, keys: tuple[str, ...]) -> bool:
+    """Constant-time comparison against every configured key (so rotation needs no downtime)."""
+    if not given:
+        return False
+    given_bytes = given.encode()
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given_bytes, key.encode())
+    return matched
+
+
+def require_key(request: Request) -> None:
+    if not keys_match(request.headers.get("x-api-key"), request.app.state.settings.api_keys):
+        raise ApiError(401, "missing or wrong API key", "send it in the X-API-Key header")
+
+
+def client_ip(request: Request) -> str:
+    return request.client.host if request.client else ""
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to be over the limit."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "body too large", f"at most {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "body too large", f"at most {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def decode_json(body: bytes) -> object:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ApiError(400, "malformed JSON", str(error)[:120]) from None
+
+
+async def read_payload(request: Request) -> object:
+    kind = media_type(request)
+    if kind not in JSON_TYPES and kind != FORM_TYPE:
+        raise ApiError(415, "unsupported content type", f"send application/json or {FORM_TYPE}")
+    body = await read_body(request, request.app.state.settings.max_body_bytes)
+    # Many HTTP clients (curl -d, some board libraries) label a JSON body as a form.
+    if kind != FORM_TYPE or body.lstrip()[:1] in (b"{", b"["):
+        return decode_json(body)
+    try:
+        return dict(parse_qsl(body.decode(), keep_blank_values=True))
+    except UnicodeDecodeError:
+        raise ApiError(400, "malformed form body", "the form is not UTF-8") from None
+
+
+def stored_response(request: Request, reading: Reading, status: int) -> JSONResponse:
+    request.state.sensor = reading.sensor_id
+    return JSONResponse(reading.as_dict(request.app.state.settings.timezone), status)
+
+
+async def commit(request: Request, readings: list[Reading]) -> WriteResult:
+    request.app.state.clock.stamp(readings)
+    try:
+        return await request.app.state.writer.write(readings)
+    except StoreError as error:
+        raise ApiError(503, "storage unavailable, reading not stored", str(error)) from None
+
+
+async def post_reading(request: Request) -> Response:
+    """Store one reading. 201 with the stored reading; 200 when it was already stored."""
+    require_key(request)
+    settings = request.app.state.settings
+    data = await read_payload(request)
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    request.state.sensor = str(data.get("sensor_id", ""))[:64]
+    try:
+        reading = parse_reading(data, settings, client_ip(request), time.time_ns() // 1_000_000)
+    except ReadingError as error:
+        raise ApiError(422, error.message, {"field": error.field}) from None
+
+    result = await commit(request, [reading])
+
+    if result.duplicates:
+        return stored_response(request, result.duplicates[0], 200)
+    return stored_response(request, result.stored[0], 201)
+
+
+async def post_batch(request: Request) -> Response:
+    """Store a batch: all readings are valid and stored in one transaction, or none is."""
+    require_key(request)
+    settings = request.app.state.settings
+    data = await read_payload(request)
+    if isinstance(data, dict) and isinstance(data.get("readings"), list):
+        data = data["readings"]
+    if not isinstance(data, list):
+        raise ApiError(400, 'the body must be a JSON array of readings or {"readings": [...]}')
+    if len(data) > settings.max_batch:
+        raise ApiError(413, "too many readings in one batch", f"at most {settings.max_batch}")
+    if not data:
+        raise ApiError(422, "the batch holds no readings")
+
+    now_ms, address = time.time_ns() // 1_000_000, client_ip(request)
+    readings, problems = [], []
+    for index, item in enumerate(data):
+        try:
+            readings.append(parse_reading(item, settings, address, now_ms))
+        except ReadingError as error:
+            problems.append({"index": index, "field": error.field, "message": error.message})
+    if problems:
+        raise ApiError(422, f"{len(problems)} invalid readings, none stored", problems[:20])
+
+    result = await commit(request, readings)
+
+    device = sum(reading.device_clock for reading in readings)
+    body = {
+        "stored": len(result.stored),
+        "duplicates": len(result.duplicates),
+        "clock": {"device": device, "server": len(readings) - device},
+    }
+    return JSONResponse(body, 201 if result.stored or not result.duplicates else 200)
+
+
+def path_sensor(request: Request) -> str:
+    sensor_id = request.path_params["sensor_id"]
+    request.state.sensor = sensor_id[:64]
+    return sensor_id
+
+
+async def run_read(request: Request, function, *args):
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(request.app.state.reader, function, *args)
+
+
+async def latest_reading(request: Request) -> Response:
+    require_key(request)
+    sensor_id = path_sensor(request)
+    reading = await run_read(request, request.app.state.store.latest, sensor_id)
+    if reading is None:
+        raise ApiError(404, "unknown sensor", {"sensor_id": sensor_id[:64]})
+    return stored_response(request, reading, 200)
+
+
+def query_time(request: Request, name: str, default: int) -> int:
+    text = request.query_params.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        return parse_time(name, text)
+    except ReadingError as error:
+        raise ApiError(
+            422,
+            f"bad {name}: use RFC 3339 or epoch seconds",
+            {"parameter": name, "message": error.message},
+        ) from None
+
+
+def query_choice(request: Request, name: str, choices: tuple[str, ...], default: str) -> str:
+    value = request.query_params.get(name) or default
+    if value not in choices:
+        raise ApiError(422, f"bad {name}: use one of {', '.join(choices)}", {"parameter": name})
+    return value
+
+
+def query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
+    text = request.query_params.get(name) or str(default)
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise ApiError(422, f"bad {name}: a whole number from {low} to {high}", {"parameter": name})
+    return int(text)
+
+
+async def history(request: Request) -> Response:
+    """Readings of one sensor in a time range, as JSON or CSV, raw or in time buckets."""
+    require_key(request)
+    sensor_id = path_sensor(request)
+    now_ms = time.time_ns() // 1_000_000
+    # By default the range reaches as far ahead as a stored timestamp can be.
+    end_ms = query_time(request, "end", now_ms + FUTURE_SLACK_MS)
+    start_ms = query_time(request, "start", now_ms - DEFAULT_HISTORY_MS)
+    if start_ms > end_ms:
+        raise ApiError(422, "bad start: it is after end", {"parameter": "start"})
+    limit = query_int(request, "limit", 1000, 1, MAX_HISTORY_LIMIT)
+    descending = query_choice(request, "order", ("asc", "desc"), "asc") == "desc"
+    wants_csv = "text/csv" in request.headers.get("accept", "")
+    kind = query_choice(request, "format", ("json", "csv"), "csv" if wants_csv else "json")
+    every_text = request.query_params.get("every")
+    every_ms = None
+    if every_text:
+        match = EVERY.fullmatch(every_text)
+        if not match:
+            raise ApiError(
+                422, "bad every: a duration such as 30s, 1m, 1h or 1d", {"parameter": "every"}
+            )
+        every_ms = int(match[1]) * UNIT_MS[match[2]]
+
+    store, settings = request.app.state.store, request.app.state.settings
+    if every_ms:
+        chunks = store.buckets(sensor_id, start_ms, end_ms, every_ms, limit, descending)
+        header = ["time", "count"] + [
+            f"{f}_{s}" for f in settings.fields for s in ("min", "mean", "max")
+        ]
+        to_row = lambda row: bucket_row(row, settings.fields)  # noqa: E731
+    else:
+        chunks = store.history(sensor_id, start_ms, end_ms, limit, descending)
+        header = [
+            "id",
+            "sensor_id",
+            "timestamp",
+            *settings.fields,
+            "date_recorded",
+            "time_recorded",
+            "clock",
+            "client_ip",
+        ]
+        to_row = lambda reading: reading.as_dict(settings.timezone)  # noqa: E731
+    rows = stream_rows(request, chunks, to_row)
+
+    if kind == "csv":
+        filename = f"{sensor_id}_{'buckets' if every_ms else 'readings'}.csv"
+        return StreamingResponse(
+            csv_lines(header, rows),
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+        )
+    opening = {
+        "sensor_id": sensor_id,
+        "start": format_timestamp(start_ms),
+        "end": format_timestamp(end_ms),
+    }
+    if every_ms:
+        opening["every"] = every_text
+    return StreamingResponse(
+        json_document(opening, "buckets" if every_ms else "readings", rows),
+        media_type="application/json",
+    )
+
+
+def bucket_row(row: tuple, fields: tuple[str, ...]) -> dict:
+    """A bucket as {"time", "count", "<field>_min", "<field>_mean", "<field>_max", ...}."""
+    entry = {"time": format_timestamp(row[0]), "count": row[1]}
+    for index, name in enumerate(fields):
+        low, mean, high = row[2 + 3 * index : 5 + 3 * index]
+        if mean is not None:
+            entry.update({f"{name}_min": low, f"{name}_mean": mean, f"{name}_max": high})
+    return entry
+
+
+async def stream_rows(request: Request, chunks: Iterator[list], to_row) -> AsyncIterator[dict]:
+    """Fetch one chunk at a time on the reader thread, so other reads are not held up."""
+    while True:
+        chunk = await run_read(request, next, chunks, None)
+        if chunk is None:
+            return
+        for item in chunk:
+            yield to_row(item)
+
+
+async def csv_lines(header: list[str], rows: AsyncIterator[dict]) -> AsyncIterator[str]:
+    yield ",".join(header) + "\r\n"
+    lines = []
+    async for row in rows:
+        lines.append(",".join(csv_cell(row.get(name)) for name in header))
+        if len(lines) >= HISTORY_CHUNK:
+            yield "\r\n".join(lines) + "\r\n"
+            lines = []
+    if lines:
+        yield "\r\n".join(lines) + "\r\n"
+
+
+def csv_cell(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    text = str(value)
+    if any(character in text for character in ',"\r\n'):
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+async def json_document(opening: dict, key: str, rows: AsyncIterator[dict]) -> AsyncIterator[str]:
+    """A JSON object whose list is written as it is read; the count comes last."""
+    yield json.dumps(opening, separators=(",", ":"))[:-1] + f',"{key}":['
+    count, parts = 0, []
+    async for row in rows:
+        parts.append(json.dumps(row, separators=(",", ":")))
+        count += 1
+        if len(parts) >= HISTORY_CHUNK:
+            yield ("," if count > len(parts) else "") + ",".join(parts)
+            parts = []
+    if parts:
+        yield ("," if count > len(parts) else "") + ",".join(parts)
+    yield f'],"count":{count}}}'
+
+
+async def sensors(request: Request) -> Response:
+    """Every sensor with its first and last reading time, count, fields, and silence."""
+    require_key(request)
+    silent_after = query_int(request, "silent_after", 600, 1, 10 * 365 * 86400)
+    settings = request.app.state.settings
+    now_ms = time.time_ns() // 1_000_000
+    entries = await run_read(request, request.app.state.store.sensors)
+    body = [
+        {
+            "sensor_id": sensor_id,
+            "first_seen": format_timestamp(first),
+            "last_seen": format_timestamp(last),
+            "count": count,
+            "fields": fields,
+            "silent": now_ms - last > silent_after * 1000,
+            "latest": latest.as_dict(settings.timezone) if latest else None,
+        }
+        for sensor_id, first, last, count, fields, latest in entries
+    ]
+    return JSONResponse({"sensors": body, "silent_after": silent_after})
+
+
+async def live_updates(websocket: WebSocket) -> None:
+    """Send every stored reading (of one sensor, with ?sensor_id=) as one JSON message."""
+    state = websocket.app.state
+    key = websocket.query_params.get("api-key") or websocket.headers.get("x-api-key")
+    await websocket.accept()
+    if not keys_match(key, state.settings.ws_keys):
+        await websocket.close(1008, "missing or wrong API key")
+        return
+    sensor_id = websocket.query_params.get("sensor_id") or None
+    subscriber = state.subscribers.join(key, sensor_id)
+    if subscriber is None:
+        await websocket.close(1008, f"at most {state.settings.max_ws_per_key} connections per key")
+        return
+    sender = asyncio.create_task(send_queued(websocket, subscriber))
+    listener = asyncio.create_task(wait_for_close(websocket))
+    overflow = asyncio.create_task(subscriber.overflowed.wait())
+    try:
+        await asyncio.wait({sender, listener, overflow}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        state.subscribers.leave(subscriber)
+        for task in (sender, listener, overflow):
+            task.cancel()
+    if overflow.done() and not overflow.cancelled():
+        await close_quietly(websocket, 1008, "too slow: fell behind the live stream")
+
+
+async def send_queued(websocket: WebSocket, subscriber: Subscriber) -> None:
+    while True:
+        await websocket.send_text(await subscriber.queue.get())
+
+
+async def wait_for_close(websocket: WebSocket) -> None:
+    try:
+        while True:
+            await websocket.receive_text()
+    except (WebSocketDisconnect, RuntimeError):
+        return
+
+
+async def close_quietly(websocket: WebSocket, code: int, reason: str) -> None:
+    try:
+        await asyncio.wait_for(websocket.close(code, reason), timeout=1)
+    except (TimeoutError, RuntimeError, OSError):
+        pass
+
+
+async def health(request: Request) -> Response:
+    """State for people and monitors; 503 when the store cannot write. No key, no paths."""
+    state = request.app.state
+    store = state.store
+    if store.write_error is not None:
+        try:
+            await state.writer.probe()
+        except StoreError:
+            pass
+    writable = store.write_error is None
+    body = {
+        "status": "healthy" if writable else "degraded",
+        "version": VERSION,
+        "timestamp": format_timestamp(time.time_ns() // 1_000_000),
+        "uptime_seconds": round(time.monotonic() - state.started, 1),
+        "store": {
+            "kind": "sqlite",
+            "writable": writable,
+            "detail": store.write_error,
+            "commits": store.commits,
+        },
+        "subscribers": len(state.subscribers.live),
+    }
+    return JSONResponse(body, 200 if writable else 503)
+
+
+async def ping(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def dashboard(request: Request) -> Response:
+    return FileResponse(HERE / "dashboard.html", media_type="text/html; charset=utf-8")
+
+
+# --- App assembly ---------------------------------------------------------------------------
+
+
+async def api_error(request: Request, error: ApiError) -> Response:
+    headers = {"Connection": "close"} if error.status == 413 else None
+    return JSONResponse({"error": error.error, "detail": error.detail}, error.status, headers)
+
+
+async def http_error(request: Request, error: HTTPException) -> Response:
+    return JSONResponse({"error": error.detail, "detail": None}, error.status_code, error.headers)
+
+
+class RequestLog:
+    """One log line per request: method, path, status, milliseconds, sensor, client address."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_note(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            if log.isEnabledFor(logging.INFO):
+                sensor = scope.get("state", {}).get("sensor", "-")
+                client = scope.get("client") or ("-",)
+                log.info(
+                    "%s %s %d %.1fms sensor=%s client=%s",
+                    scope["method"],
+                    scope["path"],
+                    status,
+                    (time.perf_counter() - started) * 1000,
+                    sensor or "-",
+                    client[0],
+                )
+
+
+def build_app(settings: Settings) -> Starlette:
+    @asynccontextmanager
+    async def lifespan(app: Starlette):
+        store = SQLiteStore(settings.sqlite_path, settings.fields)
+        store.open()
+        subscribers = Subscribers(settings.max_ws_per_key, settings.ws_queue_size)
+        app.state.settings = settings
+        app.state.store = store
+        app.state.subscribers = subscribers
+        app.state.clock = ServerClock(store.last_server_ms)
+        app.state.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sensorflow-read")
+        app.state.writer = Writer(store, subscribers, settings.timezone)
+        app.state.started = time.monotonic()
+        app.state.writer.start()
+        shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+        log.info("SensorFlow %s storing readings in %s", VERSION, settings.sqlite_path.resolve())
+        log.info(
+            "send readings to http://%s:%d/api/v1/temperature_reading; dashboard at /",
+            shown_host,
+            settings.port,
+        )
+        yield
+        await app.state.writer.stop()
+        app.state.reader.shutdown(wait=True)
+        store.close()
+        log.info("SensorFlow stopped")
+
+    routes = [
+        Route("/api/v1/temperature_reading", post_reading, methods=["POST"]),
+        Route("/api/v1/readings", post_batch, methods=["POST"]),
+        Route("/api/v1/sensor/{sensor_id}/latest", latest_reading),
+        Route("/api/v1/sensor/{sensor_id}/readings", history),
+        Route("/api/v1/sensors", sensors),
+        WebSocketRoute("/ws/sensor_updates", live_updates),
+        Route("/api/v1/health", health),
+        Route("/api/v1/ping", ping),
+        Route("/", dashboard),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={ApiError: api_error, HTTPException: http_error},
+    )
+    return RequestLog(app)
+
+
+SOCKET_SEND_BUFFER = 128 * 1024
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server socket. A fixed send buffer (inherited by every connection) bounds what a
+    client that stops reading can hold up, so a stalled subscriber is noticed and dropped."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=2048)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_SEND_BUFFER)
+    return sock
+
+
+def main() -> None:
+    import uvicorn
+
+    try:
+        settings = load_settings()
+    except SettingsError as error:
+        sys.exit(f"SensorFlow cannot start: {error}")
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings = ensure_api_key(settings)
+    config = uvicorn.Config(
+        build_app(settings),
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        server_header=False,
+        proxy_headers=False,
+    )
+    try:
+        sock = listening_socket(settings.host, settings.port)
+    except OSError as error:
+        sys.exit(f"SensorFlow cannot listen on {settings.host}:{settings.port}: {error}")
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,800 @@
+"""SensorFlow Server, specified by its behaviour against a real uvicorn server on 127.0.0.1."""
+
+import base64
+import csv
+import io
+import json
+import os
+import re
+import socket
+import stat
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import requests
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect as ws_connect
+
+from conftest import API_KEY, WS_KEY, Server
+
+RFC3339_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+def raw_request(server: Server, request: bytes, read_size: int = 1024) -> bytes:
+    """Send exact bytes the way a board does and read the answer into one small buffer."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(request)
+        received = b""
+        while len(received) < read_size:
+            chunk = sock.recv(read_size - len(received))
+            if not chunk:
+                break
+            received += chunk
+        return received
+
+
+def pico_request(body: bytes, key: str = API_KEY) -> bytes:
+    return (
+        b"POST /api/v1/temperature_reading HTTP/1.1\r\n"
+        b"Host: 192.168.1.50\r\n"
+        b"x-api-key: " + key.encode() + b"\r\n"
+        b"content-type: application/json\r\n"
+        b"content-length: " + str(len(body)).encode() + b"\r\n"
+        b"Connection: close\r\n\r\n" + body
+    )
+
+
+def post_reading(server: Server, reading: dict, **kwargs) -> requests.Response:
+    return server.post("/api/v1/temperature_reading", json=reading, **kwargs)
+
+
+def stored_count(server: Server) -> int:
+    sensors = server.get("/api/v1/sensors").json()["sensors"]
+    return sum(sensor["count"] for sensor in sensors)
+
+
+def ms_ago(milliseconds: int) -> int:
+    return int(time.time() * 1000) - milliseconds
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+# --- Ingest: what a real board sends --------------------------------------------------------
+
+
+def test_pico_w_request_bytes_get_201_within_one_1kb_read(server):
+    body = b'{"sensor_id":"e6614103e7696d2b","temperature":21.5,"humidity":"55.20","pressure":"1013.25"}'
+
+    answer = raw_request(server, pico_request(body))
+
+    assert answer.startswith(b"HTTP/1.1 201 ")
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert len(answer) < 512
+    assert int(re.search(rb"(?i)content-length: (\d+)", head)[1]) == len(payload)
+    latest = server.get("/api/v1/sensor/e6614103e7696d2b/latest").json()
+    assert latest["humidity"] == 55.2 and latest["pressure"] == 1013.25
+    assert latest["temperature"] == 21.5
+
+
+def test_stored_reading_answer_has_every_documented_key(make_server):
+    server = make_server(TIMEZONE="Asia/Tokyo")
+
+    answer = post_reading(server, {"sensor_id": "lab-1", "temperature": 25})
+
+    assert answer.status_code == 201
+    reading = answer.json()
+    assert set(reading) == {
+        "id", "sensor_id", "temperature", "timestamp", "date_recorded", "time_recorded",
+        "clock", "client_ip",
+    }  # fmt: skip
+    assert isinstance(reading["temperature"], float)
+    assert RFC3339_MS.fullmatch(reading["timestamp"])
+    utc = datetime.strptime(reading["timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ")
+    tokyo = utc + timedelta(hours=9)
+    assert reading["date_recorded"] == tokyo.strftime("%Y-%m-%d")
+    assert reading["time_recorded"] == tokyo.strftime("%H:%M:%S")
+    assert reading["client_ip"] == "127.0.0.1"
+    assert reading["clock"] == "server"
+
+
+def test_form_encoded_reading_is_accepted(server):
+    answer = server.post(
+        "/api/v1/temperature_reading",
+        data={"sensor_id": "uno-1", "temperature": "19.25", "humidity": "40"},
+    )
+
+    assert answer.status_code == 201
+    assert answer.json()["temperature"] == 19.25 and answer.json()["humidity"] == 40.0
+
+
+def test_missing_and_text_plain_content_type_are_read_as_json(server):
+    body = b'{"sensor_id":"plain-1","temperature":"20.5"}'
+    without_type = pico_request(body).replace(b"content-type: application/json\r\n", b"")
+    text_plain = pico_request(body).replace(b"application/json", b"text/plain")
+
+    first = raw_request(server, without_type)
+    second = raw_request(server, text_plain)
+
+    assert first.startswith(b"HTTP/1.1 201 ")
+    assert second.startswith(b"HTTP/1.1 201 ")
+    assert stored_count(server) == 2
+
+
+def test_json_labelled_as_form_is_read_as_json(server):
+    answer = server.post(
+        "/api/v1/temperature_reading",
+        data=b'{"sensor_id":"curl-1","temperature":20}',
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+
+    assert answer.status_code == 201
+
+
+def test_other_content_type_is_refused_with_415(server):
+    answer = server.post(
+        "/api/v1/temperature_reading",
+        data=b"<reading/>",
+        headers={"Content-Type": "application/xml"},
+    )
+
+    assert answer.status_code == 415
+    assert "application/json" in answer.json()["detail"]
+    assert stored_count(server) == 0
+
+
+def test_unknown_keys_are_ignored(server):
+    answer = post_reading(server, {"sensor_id": "new-fw", "temperature": 20, "rssi": -70})
+
+    assert answer.status_code == 201
+    assert "rssi" not in answer.json()
+
+
+def test_whole_number_then_decimal_are_both_floats(server):
+    post_reading(server, {"sensor_id": "float-1", "temperature": 25})
+    post_reading(server, {"sensor_id": "float-1", "temperature": 25.5})
+
+    history = server.get("/api/v1/sensor/float-1/readings").json()["readings"]
+
+    assert [reading["temperature"] for reading in history] == [25.0, 25.5]
+    assert all(isinstance(reading["temperature"], float) for reading in history)
+
+
+# --- Keys ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("headers", [{}, {"X-API-Key": "wrong"}, {"X-API-Key": ""}])
+def test_missing_or_wrong_key_is_refused_with_401(server, headers):
+    answer = requests.post(
+        server.url + "/api/v1/temperature_reading",
+        json={"sensor_id": "k", "temperature": 1},
+        headers=headers,
+        timeout=5,
+    )
+
+    assert answer.status_code == 401
+    assert "X-API-Key" in answer.json()["detail"]
+    assert stored_count(server) == 0
+
+
+def test_every_key_in_the_list_works_for_rotation(make_server):
+    server = make_server(API_KEY="old-key-111, new-key-222")
+
+    old = post_reading(server, {"sensor_id": "rot", "temperature": 1}, key="old-key-111")
+    new = post_reading(server, {"sensor_id": "rot", "temperature": 2}, key="new-key-222")
+    part = post_reading(server, {"sensor_id": "rot", "temperature": 3}, key="old-key")
+
+    assert (old.status_code, new.status_code, part.status_code) == (201, 201, 401)
+
+
+def test_without_a_key_setting_a_key_is_generated_saved_and_reused(make_server, tmp_path):
+    server = make_server(API_KEY="", API_KEY_WS="")
+    key_file = server.db_path.with_name("sensorflow.db.key")
+    key = key_file.read_text().strip()
+
+    open_attempt = post_reading(server, {"sensor_id": "g", "temperature": 1}, key="")
+    with_key = post_reading(server, {"sensor_id": "g", "temperature": 1}, key=key)
+    server.stop()
+    again = make_server(API_KEY="", API_KEY_WS="")
+
+    assert len(key) >= 32
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert open_attempt.status_code == 401 and with_key.status_code == 201
+    assert post_reading(again, {"sensor_id": "g", "temperature": 2}, key=key).status_code == 201
+    assert server.log().count(key) == 1  # printed once, on the first start only
+
+
+def test_key_never_appears_in_the_log(make_server):
+    server = make_server(LOG_LEVEL="DEBUG")
+
+    post_reading(server, {"sensor_id": "log-1", "temperature": 20})
+    post_reading(server, {"sensor_id": "log-1", "temperature": 20}, key="wrong-key-xyz")
+    server.stop()
+
+    text = server.log()
+    assert "POST /api/v1/temperature_reading 201" in text
+    assert "sensor=log-1" in text and "client=127.0.0.1" in text
+    assert API_KEY not in text and "wrong-key-xyz" not in text
+
+
+# --- Bad input -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'{"temperature": 20}', "sensor_id"),
+        (b'{"sensor_id": "", "temperature": 20}', "sensor_id"),
+        (b'{"sensor_id": "a b", "temperature": 20}', "sensor_id"),
+        (b'{"sensor_id": "' + b"x" * 65 + b'", "temperature": 20}', "sensor_id"),
+        (b'{"sensor_id": 42, "temperature": 20}', "sensor_id"),
+        (b'{"sensor_id": "s1"}', "reading"),
+        (b'{"sensor_id": "s1", "rssi": -40}', "reading"),
+        (b'{"sensor_id": "s1", "temperature": NaN}', "temperature"),
+        (b'{"sensor_id": "s1", "temperature": Infinity}', "temperature"),
+        (b'{"sensor_id": "s1", "temperature": -Infinity}', "temperature"),
+        (b'{"sensor_id": "s1", "temperature": 1e999}', "temperature"),
+        (b'{"sensor_id": "s1", "temperature": null}', "temperature"),
+        (b'{"sensor_id": "s1", "temperature": true}', "temperature"),
+        (b'{"sensor_id": "s1", "temperature": {"v": 1}}', "temperature"),
+        (b'{"sensor_id": "s1", "temperature": [20]}', "temperature"),
+        (b'{"sensor_id": "s1", "temperature": "nan"}', "temperature"),
+        (b'{"sensor_id": "s1", "temperature": "20C"}', "temperature"),
+        (b'{"sensor_id": "s1", "temperature": "0x14"}', "temperature"),
+        (b'{"sensor_id": "s1", "temperature": "1_000"}', "temperature"),
+        (b'{"sensor_id": "s1", "temperature": ""}', "temperature"),
+        (b'{"sensor_id": "s1", "temperature": -999}', "temperature"),
+        (b'{"sensor_id": "s1", "temperature": 1500.1}', "temperature"),
+        (b'{"sensor_id": "s1", "humidity": 100.5}', "humidity"),
+        (b'{"sensor_id": "s1", "humidity": -1}', "humidity"),
+        (b'{"sensor_id": "s1", "pressure": 0}', "pressure"),
+        (b'{"sensor_id": "s1", "pressure": 20001}', "pressure"),
+        (b'{"sensor_id": "s1", "temperature": 20, "humidity": "wet"}', "humidity"),
+        (b'{"sensor_id": "s1", "temperature": 20, "timestamp": "yesterday"}', "timestamp"),
+        (
+            b'{"sensor_id": "s1", "temperature": 20, "timestamp": "2026-01-01T10:00:00"}',
+            "timestamp",
+        ),
+        (b'{"sensor_id": "s1", "temperature": 20, "timestamp": true}', "timestamp"),
+    ],
+)
+def test_invalid_reading_is_refused_with_422_naming_the_field(server, body, field):
+    post_reading(server, {"sensor_id": "keep", "temperature": 20})
+
+    answer = server.post("/api/v1/temperature_reading", data=body,
+                         headers={"Content-Type": "application/json"})  # fmt: skip
+
+    assert answer.status_code == 422
+    assert answer.json()["detail"]["field"] == field
+    assert field in answer.json()["error"] or field == "reading"
+    assert len(answer.content) < 300
+    assert stored_count(server) == 1
+
+
+@pytest.mark.parametrize("body", [b"{not json", b'{"sensor_id": "a",', b"\xff\xfe", b"[1, 2]",
+                                  b'"text"', b"42", b""])  # fmt: skip
+def test_malformed_json_or_non_object_is_refused_with_400(server, body):
+    answer = server.post("/api/v1/temperature_reading", data=body,
+                         headers={"Content-Type": "application/json"})  # fmt: skip
+
+    assert answer.status_code == 400
+    assert answer.json()["error"]
+    assert stored_count(server) == 0
+
+
+def test_body_over_the_limit_is_refused_with_413_before_it_is_read(make_server):
+    server = make_server(MAX_BODY_BYTES="1000")
+    head = (
+        b"POST /api/v1/temperature_reading HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"X-API-Key: " + API_KEY.encode() + b"\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 50000000\r\n\r\n"
+    )
+
+    answer = raw_request(server, head + b'{"sensor_id": "big", "temperature": 1')
+
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert stored_count(server) == 0
+
+
+def test_chunked_body_over_the_limit_is_refused_with_413(make_server):
+    server = make_server(MAX_BODY_BYTES="1000")
+
+    def chunks():
+        yield b'{"sensor_id": "big", "pad": "'
+        for _ in range(100):
+            yield b"x" * 100
+
+    answer = server.post("/api/v1/temperature_reading", data=chunks(),
+                         headers={"Content-Type": "application/json"})  # fmt: skip
+
+    assert answer.status_code == 413
+
+
+def test_sql_in_a_sensor_id_is_just_an_unknown_sensor(server):
+    post_reading(server, {"sensor_id": "safe", "temperature": 20})
+
+    latest = server.get("/api/v1/sensor/x' OR '1'='1/latest")
+    dropped = server.get("/api/v1/sensor/x'; DROP TABLE readings; --/readings")
+
+    assert latest.status_code == 404 and latest.json()["error"] == "unknown sensor"
+    assert dropped.status_code == 200 and dropped.json()["readings"] == []
+    assert stored_count(server) == 1
+
+
+def test_unknown_sensor_latest_is_404(server):
+    answer = server.get("/api/v1/sensor/nobody/latest")
+
+    assert answer.status_code == 404
+
+
+# --- Settings -------------------------------------------------------------------------------
+
+
+def test_fields_and_ranges_are_settings(make_server):
+    server = make_server(FIELDS="temperature,co2", FIELD_RANGES="co2:0:5000")
+
+    stored = post_reading(server, {"sensor_id": "co2-1", "co2": "412.5", "humidity": 40})
+    too_high = post_reading(server, {"sensor_id": "co2-1", "co2": 6000})
+
+    assert stored.status_code == 201
+    assert stored.json()["co2"] == 412.5 and "humidity" not in stored.json()
+    assert too_high.status_code == 422 and too_high.json()["detail"]["field"] == "co2"
+
+
+def test_bad_setting_stops_the_server_with_a_clear_message(tmp_path):
+    server = Server(tmp_path, FIELDS="temperature,Bad Name")
+
+    with pytest.raises(RuntimeError) as failure:
+        server.start(timeout=10)
+
+    assert "FIELDS" in str(failure.value)
+
+
+# --- Timestamps and durability ---------------------------------------------------------------
+
+
+def test_two_readings_of_one_sensor_never_share_a_timestamp(server):
+    def send(index):
+        return post_reading(server, {"sensor_id": "fast", "temperature": index % 50}).json()
+
+    with ThreadPoolExecutor(16) as pool:
+        readings = list(pool.map(send, range(200)))
+
+    stamps = [reading["timestamp"] for reading in readings]
+    assert len(set(stamps)) == 200
+
+
+def test_concurrent_requests_share_commits(server):
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(lambda i: post_reading(server, {"sensor_id": f"c{i % 8}",
+                                                                "temperature": 20}), range(400)))  # fmt: skip
+
+    commits = server.get("/api/v1/health").json()["store"]["commits"]
+    assert all(answer.status_code == 201 for answer in answers)
+    assert stored_count(server) == 400
+    assert commits < 400
+
+
+def test_acknowledged_readings_survive_sigkill(make_server):
+    server = make_server()
+    acknowledged = []
+    lock = threading.Lock()
+
+    def client(number):
+        session = requests.Session()
+        for index in range(50):
+            reading = {"sensor_id": f"board-{number}", "temperature": index}
+            answer = session.post(server.url + "/api/v1/temperature_reading", json=reading,
+                                  headers={"X-API-Key": API_KEY}, timeout=10)  # fmt: skip
+            if answer.status_code == 201:
+                with lock:
+                    acknowledged.append(answer.json()["id"])
+
+    with ThreadPoolExecutor(20) as pool:
+        list(pool.map(client, range(20)))
+    server.kill()
+    again = make_server()
+
+    ids = set()
+    for number in range(20):
+        history = again.get(f"/api/v1/sensor/board-{number}/readings").json()["readings"]
+        ids.update(reading["id"] for reading in history)
+    assert len(acknowledged) == 1000
+    assert set(acknowledged) <= ids
+
+
+# --- Health ---------------------------------------------------------------------------------
+
+
+def test_ping_and_health_need_no_key_and_reveal_no_secret(server):
+    ping = requests.get(server.url + "/api/v1/ping", timeout=5)
+    health = requests.get(server.url + "/api/v1/health", timeout=5)
+
+    assert ping.json() == {"status": "ok"}
+    body = health.json()
+    assert health.status_code == 200 and body["status"] == "healthy"
+    assert {"version", "timestamp", "uptime_seconds", "store", "subscribers"} <= set(body)
+    assert body["store"]["writable"] is True
+    assert API_KEY not in health.text and str(server.folder) not in health.text
+
+
+# --- Live updates ---------------------------------------------------------------------------
+
+
+def subscribe(server: Server, query: str = "", key: str | None = WS_KEY, **kwargs):
+    url = f"{server.ws_url}/ws/sensor_updates"
+    if key is not None:
+        url += f"?api-key={key}" + (f"&{query}" if query else "")
+    return ws_connect(url, open_timeout=5, close_timeout=2, **kwargs)
+
+
+def test_subscriber_gets_each_stored_reading_as_json(server):
+    with subscribe(server) as live:
+        stored = post_reading(server, {"sensor_id": "ws-1", "temperature": 21}).json()
+        message = json.loads(live.recv(timeout=5))
+
+    assert message == stored
+
+
+def test_websocket_key_may_come_in_a_header(server):
+    url = f"{server.ws_url}/ws/sensor_updates"
+    with ws_connect(url, additional_headers={"X-API-Key": WS_KEY}, open_timeout=5) as live:
+        post_reading(server, {"sensor_id": "ws-h", "temperature": 21})
+        assert json.loads(live.recv(timeout=5))["sensor_id"] == "ws-h"
+
+
+@pytest.mark.parametrize("key", [None, "wrong", API_KEY])
+def test_websocket_with_missing_or_wrong_key_is_closed_with_policy_violation(server, key):
+    with subscribe(server, key=key) as live:
+        with pytest.raises(ConnectionClosed) as closed:
+            live.recv(timeout=5)
+
+    assert closed.value.rcvd.code == 1008
+    assert "key" in closed.value.rcvd.reason
+
+
+def test_sensor_id_parameter_limits_the_stream(server):
+    with subscribe(server, "sensor_id=only-me") as live:
+        post_reading(server, {"sensor_id": "other", "temperature": 1})
+        post_reading(server, {"sensor_id": "only-me", "temperature": 2})
+        message = json.loads(live.recv(timeout=5))
+
+    assert message["sensor_id"] == "only-me"
+
+
+def test_connections_past_the_per_key_limit_are_refused_and_slots_free_on_close(make_server):
+    server = make_server(MAX_WS_CONNECTIONS_PER_KEY="2")
+    first, second = subscribe(server), subscribe(server)
+
+    with subscribe(server) as third:
+        with pytest.raises(ConnectionClosed) as refused:
+            third.recv(timeout=5)
+    first.close()
+    time.sleep(0.3)
+    with subscribe(server) as fourth:
+        post_reading(server, {"sensor_id": "slot", "temperature": 1})
+        received = json.loads(fourth.recv(timeout=5))
+    second.close()
+
+    assert refused.value.rcvd.code == 1008
+    assert "at most 2" in refused.value.rcvd.reason
+    assert received["sensor_id"] == "slot"
+
+
+def stalled_subscriber(server: Server) -> socket.socket:
+    """A WebSocket client that completes the handshake and then never reads."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    nonce = base64.b64encode(os.urandom(16))
+    sock.sendall(
+        b"GET /ws/sensor_updates?api-key=" + WS_KEY.encode() + b" HTTP/1.1\r\n"
+        b"Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: " + nonce + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    assert sock.recv(12) == b"HTTP/1.1 101"
+    return sock
+
+
+def test_stalled_subscriber_is_dropped_and_others_get_everything_in_order(make_server):
+    server = make_server(WS_QUEUE_SIZE="100")
+    stalled = stalled_subscriber(server)
+    received: list[list[int]] = [[], []]
+
+    def listen(index):
+        with subscribe(server, max_queue=None) as live:
+            ready.release()
+            while len(received[index]) < 10_000:
+                received[index].append(json.loads(live.recv(timeout=30))["id"])
+
+    ready = threading.Semaphore(0)
+    listeners = [threading.Thread(target=listen, args=(index,)) for index in range(2)]
+    for thread in listeners:
+        thread.start()
+    for _ in listeners:
+        ready.acquire(timeout=10)
+
+    def send(number):
+        session, ids = requests.Session(), []
+        for index in range(2500):
+            answer = session.post(server.url + "/api/v1/temperature_reading",
+                                  json={"sensor_id": f"flood-{number}", "temperature": index % 90},
+                                  headers={"X-API-Key": API_KEY}, timeout=10)  # fmt: skip
+            ids.append(answer.json()["id"])
+        return ids
+
+    with ThreadPoolExecutor(4) as pool:
+        posted = [i for ids in pool.map(send, range(4)) for i in ids]
+    for thread in listeners:
+        thread.join(timeout=60)
+    health = server.get("/api/v1/health").json()
+    stalled.close()
+
+    assert len(posted) == 10_000
+    for ids in received:
+        assert ids == sorted(posted)
+    assert health["subscribers"] == 0
+    assert "dropped a subscriber" in server.log()
+
+
+# --- Batches, device time, retries ------------------------------------------------------------
+
+
+def device_batch(count: int, sensor: str = "batch-1", start_ms: int | None = None) -> list:
+    start_ms = start_ms or ms_ago(3_600_000)
+    return [{"sensor_id": sensor, "temperature": 20 + index % 10, "humidity": "50.5",
+             "timestamp": start_ms + index * 1000} for index in range(count)]  # fmt: skip
+
+
+def test_batch_sent_twice_is_stored_once_and_streamed_once(server):
+    batch = device_batch(1000)
+    messages = []
+
+    with subscribe(server, max_queue=None) as live:
+        first = server.post("/api/v1/readings", json=batch)
+        second = server.post("/api/v1/readings", json={"readings": batch})
+        post_reading(server, {"sensor_id": "marker", "temperature": 1})
+        while not messages or messages[-1]["sensor_id"] != "marker":
+            messages.append(json.loads(live.recv(timeout=10)))
+
+    assert first.status_code == 201
+    assert first.json() == {"stored": 1000, "duplicates": 0, "clock": {"device": 1000, "server": 0}}
+    assert second.status_code == 200
+    assert second.json()["stored"] == 0 and second.json()["duplicates"] == 1000
+    assert stored_count(server) == 1001
+    batch_messages = [m for m in messages if m["sensor_id"] == "batch-1"]
+    assert len(batch_messages) == 1000
+    assert [m["temperature"] for m in batch_messages] == [float(r["temperature"]) for r in batch]
+
+
+def test_batch_with_one_bad_reading_stores_nothing_and_names_its_index(server):
+    batch = device_batch(20)
+    batch[7]["humidity"] = "NaN"
+
+    answer = server.post("/api/v1/readings", json=batch)
+
+    assert answer.status_code == 422
+    assert answer.json()["detail"] == [
+        {"index": 7, "field": "humidity", "message": answer.json()["detail"][0]["message"]}
+    ]
+    assert "humidity" in answer.json()["detail"][0]["message"]
+    assert stored_count(server) == 0
+
+
+def test_batch_over_max_batch_is_refused_with_413(make_server):
+    server = make_server(MAX_BATCH="10")
+
+    answer = server.post("/api/v1/readings", json=device_batch(11))
+
+    assert answer.status_code == 413
+    assert stored_count(server) == 0
+
+
+@pytest.mark.parametrize("body", [{"sensor_id": "x"}, {"readings": "x"}, "text"])
+def test_batch_that_is_not_a_list_is_refused_with_400(server, body):
+    answer = server.post("/api/v1/readings", json=body)
+
+    assert answer.status_code == 400
+
+
+def test_boot_time_timestamps_fall_back_to_server_time_in_order(server):
+    batch = [{"sensor_id": "boot", "temperature": index, "timestamp": 12345 + index}
+             for index in range(50)]  # fmt: skip
+    before = ms_ago(0)
+
+    answer = server.post("/api/v1/readings", json=batch)
+    single = post_reading(server, {"sensor_id": "boot", "temperature": 99, "timestamp": 12345})
+
+    assert answer.json()["clock"] == {"device": 0, "server": 50}
+    assert single.status_code == 201 and single.json()["clock"] == "server"
+    history = server.get("/api/v1/sensor/boot/readings").json()["readings"]
+    assert [r["temperature"] for r in history] == [float(i) for i in range(50)] + [99.0]
+    stamps = [r["timestamp"] for r in history]
+    assert len(set(stamps)) == 51 and stamps == sorted(stamps)
+    first = datetime.strptime(stamps[0], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    assert abs(first.timestamp() * 1000 - before) < 60_000
+
+
+@pytest.mark.parametrize("offset_ms", [10 * 60 * 1000, 400 * 24 * 3600 * 1000])
+def test_future_timestamp_uses_the_server_clock(server, offset_ms):
+    answer = post_reading(server, {"sensor_id": "fut", "temperature": 1,
+                                   "timestamp": ms_ago(-offset_ms)})  # fmt: skip
+
+    assert answer.json()["clock"] == "server"
+
+
+@pytest.mark.parametrize(
+    "stamp",
+    ["2026-11-30T12:00:00.250Z", "2026-11-30T13:00:00.250+01:00", 1796040000.25, 1796040000250],
+)
+def test_device_time_in_each_form_is_kept(server, stamp):
+    if isinstance(stamp, (int, float)) and stamp / (1000 if stamp > 1e11 else 1) > time.time():
+        pytest.skip("the fixed moment is in the future on this machine's clock")
+    answer = post_reading(server, {"sensor_id": "dev", "temperature": 1, "timestamp": stamp})
+
+    assert answer.json()["clock"] == "device"
+    expected = {"2026-11-30T12:00:00.250Z", "2026-12-01T17:20:00.250Z"}
+    assert answer.json()["timestamp"] in expected
+
+
+def test_resent_reading_answers_200_with_the_stored_reading(server):
+    reading = {"sensor_id": "retry", "temperature": 21.5, "timestamp": ms_ago(5000)}
+
+    first = post_reading(server, reading)
+    again = post_reading(server, {**reading, "temperature": 99})
+
+    assert first.status_code == 201 and again.status_code == 200
+    assert again.json() == first.json()
+    assert stored_count(server) == 1
+
+
+# --- History, CSV, buckets, sensors -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def big_server(tmp_path_factory):
+    """A server holding 100,000 readings of one sensor, one every 2 s over the last 55 h."""
+    server = Server(tmp_path_factory.mktemp("big")).start()
+    start_ms = ms_ago(100_000 * 2000 + 60_000)
+    session = requests.Session()
+    for offset in range(0, 100_000, 1000):
+        batch = [{"sensor_id": "big", "temperature": round(15 + (i % 977) / 100, 2),
+                  "humidity": (i * 7) % 100, "timestamp": start_ms + i * 2000}
+                 for i in range(offset, offset + 1000)]  # fmt: skip
+        answer = session.post(server.url + "/api/v1/readings", json=batch,
+                              headers={"X-API-Key": API_KEY}, timeout=30)  # fmt: skip
+        assert answer.status_code == 201
+    server.start_ms = start_ms
+    yield server
+    server.stop()
+
+
+def test_history_csv_of_100000_readings_streams_in_bounded_memory(big_server):
+    samples, done = [], threading.Event()
+    idle = rss_kib(big_server.process.pid)
+
+    def sample():
+        while not done.is_set():
+            samples.append(rss_kib(big_server.process.pid))
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    answer = big_server.get("/api/v1/sensor/big/readings",
+                            params={"start": big_server.start_ms / 1000, "limit": 100000},
+                            headers={"Accept": "text/csv"})  # fmt: skip
+    done.set()
+    sampler.join()
+
+    rows = list(csv.DictReader(io.StringIO(answer.text)))
+    assert answer.headers["content-type"].startswith("text/csv")
+    assert 'filename="big_readings.csv"' in answer.headers["content-disposition"]
+    assert list(rows[0]) == ["id", "sensor_id", "timestamp", "temperature", "humidity",
+                             "pressure", "date_recorded", "time_recorded", "clock", "client_ip"]  # fmt: skip
+    assert len(rows) == 100_000
+    assert max(samples) - idle < 50 * 1024
+
+
+def test_history_json_matches_the_csv(big_server):
+    params = {"start": big_server.start_ms / 1000, "limit": 100000, "order": "desc"}
+
+    as_json = big_server.get("/api/v1/sensor/big/readings", params=params).json()
+    as_csv = big_server.get("/api/v1/sensor/big/readings", params={**params, "format": "csv"})
+
+    rows = list(csv.DictReader(io.StringIO(as_csv.text)))
+    assert as_json["count"] == len(rows) == 100_000
+    for reading, row in zip(as_json["readings"], rows, strict=True):
+        assert str(reading["id"]) == row["id"] and reading["timestamp"] == row["timestamp"]
+        assert reading["temperature"] == float(row["temperature"])
+        assert reading["humidity"] == float(row["humidity"]) and row["pressure"] == ""
+    stamps = [reading["timestamp"] for reading in as_json["readings"]]
+    assert stamps == sorted(stamps, reverse=True)
+
+
+def test_hourly_buckets_match_the_raw_rows(big_server):
+    params = {"start": big_server.start_ms / 1000, "limit": 100000}
+    raw = big_server.get("/api/v1/sensor/big/readings", params=params).json()["readings"]
+
+    buckets = big_server.get("/api/v1/sensor/big/readings", params={**params, "every": "1h"})
+
+    expected: dict[str, list[float]] = {}
+    for reading in raw:
+        hour = reading["timestamp"][:13] + ":00:00.000Z"
+        expected.setdefault(hour, []).append(reading["temperature"])
+    got = buckets.json()["buckets"]
+    assert [bucket["time"] for bucket in got] == sorted(expected)
+    for bucket in got:
+        values = expected[bucket["time"]]
+        assert bucket["count"] == len(values)
+        assert bucket["temperature_min"] == min(values)
+        assert bucket["temperature_max"] == max(values)
+        assert bucket["temperature_mean"] == pytest.approx(sum(values) / len(values))
+
+
+def test_history_defaults_to_the_last_24_hours_and_1000_rows(big_server):
+    answer = big_server.get("/api/v1/sensor/big/readings").json()
+
+    assert answer["count"] == 1000
+    first = datetime.strptime(answer["readings"][0]["timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ")
+    age = datetime.now(UTC).replace(tzinfo=None) - first
+    assert timedelta(hours=23, minutes=58) < age <= timedelta(hours=24)
+
+
+@pytest.mark.parametrize(
+    ("params", "name"),
+    [
+        ({"start": "last week"}, "start"),
+        ({"end": "2026-13-45T00:00:00Z"}, "end"),
+        ({"start": "2026-12-02T00:00:00Z", "end": "2026-12-01T00:00:00Z"}, "start"),
+        ({"limit": "0"}, "limit"),
+        ({"limit": "100001"}, "limit"),
+        ({"limit": "ten"}, "limit"),
+        ({"every": "5 minutes"}, "every"),
+        ({"every": "0m"}, "every"),
+        ({"format": "xml"}, "format"),
+        ({"order": "random"}, "order"),
+    ],
+)
+def test_bad_history_parameter_is_refused_with_422_naming_it(server, params, name):
+    answer = server.get("/api/v1/sensor/any/readings", params=params)
+
+    assert answer.status_code == 422
+    assert answer.json()["detail"]["parameter"] == name
+    assert name in answer.json()["error"]
+
+
+def test_empty_range_is_an_empty_list_or_a_header_only_csv(server):
+    post_reading(server, {"sensor_id": "lonely", "temperature": 1})
+    params = {"start": "2021-01-01T00:00:00Z", "end": "2021-01-02T00:00:00Z"}
+
+    as_json = server.get("/api/v1/sensor/lonely/readings", params=params)
+    as_csv = server.get("/api/v1/sensor/nobody/readings", params={"format": "csv"})
+
+    assert as_json.status_code == 200 and as_json.json()["readings"] == []
+    assert as_csv.status_code == 200 and as_csv.text.count("\n") == 1
+
+
+def test_sensors_lists_each_sensor_and_marks_silent_exactly_past_silent_after(server):
+    server.post("/api/v1/readings", json=[
+        {"sensor_id": "quiet", "temperature": 1, "timestamp": ms_ago(100_000)},
+        {"sensor_id": "quiet", "humidity": 50, "timestamp": ms_ago(65_000)},
+        {"sensor_id": "chatty", "temperature": 2, "timestamp": ms_ago(55_000)},
+    ])  # fmt: skip
+
+    listed = server.get("/api/v1/sensors", params={"silent_after": 60}).json()["sensors"]
+    default = server.get("/api/v1/sensors").json()["sensors"]
+
+    by_id = {sensor["sensor_id"]: sensor for sensor in listed}
+    assert by_id["quiet"]["silent"] is True and by_id["chatty"]["silent"] is False
+    assert by_id["quiet"]["count"] == 2 and by_id["quiet"]["fields"] == ["humidity", "temperature"]
+    assert by_id["quiet"]["first_seen"] < by_id["quiet"]["last_seen"]
+    assert by_id["quiet"]["latest"]["humidity"] == 50.0
+    assert not any(sensor["silent"] for sensor in default)
