@@ -27,24 +27,29 @@ import logging
 import math
 import os
 import re
+import resource
 import secrets
 import socket
 import sqlite3
 import sys
 import time
-from collections import Counter
+from collections import Counter as Tally
 from collections.abc import AsyncIterator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from urllib.parse import parse_qsl
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from dotenv import load_dotenv
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
@@ -62,6 +67,9 @@ DEFAULT_FIELDS = "temperature,humidity,pressure"
 # boards send (-999, 0 hPa from an unwired barometer, 6553.5 from a failed read).
 DEFAULT_RANGES = "temperature:-100:1500,humidity:0:100,pressure:>0:20000"
 FIELD_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+RATE = re.compile(r"(\d+)\s*/\s*(second|minute|hour)")
+PERIOD_SECONDS = {"second": 1, "minute": 60, "hour": 3600}
+IPNetwork = IPv4Network | IPv6Network
 RESERVED_NAMES = {
     "id",
     "sensor_id",
@@ -108,6 +116,16 @@ class Settings:
     ws_queue_size: int
     timezone: ZoneInfo
     log_level: str
+    rate_limit: tuple[int, float] | None  # (burst, requests per second), None when off
+    trusted_proxies: tuple[IPNetwork, ...]
+    request_timeout: float
+    cors_origins: tuple[str, ...]
+    metrics_public: bool
+    influx_host: str
+    influx_token: str
+    influx_database: str
+    influx_measurement: str
+    influx_write_timeout: float
 
 
 def split_list(text: str) -> tuple[str, ...]:
@@ -146,6 +164,27 @@ def parse_ranges(text: str) -> dict[str, FieldRange]:
     return ranges
 
 
+def parse_rate(text: str) -> tuple[int, float] | None:
+    """`600/minute` allows bursts of 600 and refills at 10 per second; empty turns it off."""
+    if not text.strip():
+        return None
+    match = RATE.fullmatch(text.strip().lower())
+    if not match or int(match[1]) == 0:
+        raise SettingsError(f"RATE_LIMIT {text!r} is not like 600/minute")
+    count = int(match[1])
+    return count, count / PERIOD_SECONDS[match[2]]
+
+
+def parse_networks(text: str) -> tuple[IPNetwork, ...]:
+    """Proxy addresses or networks (`10.0.0.0/8`); `*` trusts every peer."""
+    if text.strip() == "*":
+        return (ip_network("0.0.0.0/0"), ip_network("::/0"))
+    try:
+        return tuple(ip_network(item, strict=False) for item in split_list(text))
+    except ValueError as error:
+        raise SettingsError(f"FORWARDED_ALLOW_IPS: {error}") from None
+
+
 def load_settings(env: dict[str, str] | None = None) -> Settings:
     """Read every setting once, from the environment and an optional `.env` file."""
     if env is None:
@@ -179,6 +218,16 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         ws_queue_size=read_int(env, "WS_QUEUE_SIZE", 1000),
         timezone=zone,
         log_level=(env.get("LOG_LEVEL", "").strip() or "INFO").upper(),
+        rate_limit=parse_rate(env.get("RATE_LIMIT", "")),
+        trusted_proxies=parse_networks(env.get("FORWARDED_ALLOW_IPS", "")),
+        request_timeout=read_int(env, "REQUEST_TIMEOUT", 10),
+        cors_origins=split_list(env.get("CORS_ORIGINS", "")),
+        metrics_public=env.get("METRICS_PUBLIC", "").strip().lower() in ("1", "true", "yes"),
+        influx_host=env.get("INFLUX_HOST", "").strip(),
+        influx_token=env.get("INFLUX_TOKEN", "").strip(),
+        influx_database=env.get("INFLUX_DATABASE", "").strip() or "sensorflow",
+        influx_measurement=env.get("INFLUX_MEASUREMENT", "").strip() or "sensor_readings",
+        influx_write_timeout=read_int(env, "INFLUX_WRITE_TIMEOUT", 5),
     )
 
 
@@ -207,6 +256,38 @@ def ensure_api_key(settings: Settings) -> Settings:
     return Settings(**{**settings.__dict__, "api_keys": keys, "ws_keys": settings.ws_keys or keys})
 
 
+# --- Metrics (served at /metrics in the Prometheus text format) ------------------------------
+
+REQUESTS = Counter("sensorflow_requests", "HTTP requests by route and status", ["route", "status"])
+LATENCY = Histogram(
+    "sensorflow_request_seconds",
+    "HTTP request latency by route",
+    ["route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+)
+STORED = Counter("sensorflow_readings_stored", "Readings stored")
+REJECTED = Counter("sensorflow_readings_rejected", "Ingest requests refused, by reason", ["reason"])
+SUBSCRIBERS = Gauge("sensorflow_subscribers", "Live WebSocket subscribers")
+DROPPED = Counter("sensorflow_subscribers_dropped", "Subscribers dropped for falling behind")
+COMMIT_SECONDS = Histogram(
+    "sensorflow_commit_seconds",
+    "Time to commit one group of readings",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2),
+)
+SPOOL_BACKLOG = Gauge("sensorflow_spool_backlog", "Readings waiting in the spool for InfluxDB")
+DELIVERY_FAILURES = Counter("sensorflow_delivery_failures", "Failed deliveries to InfluxDB")
+REJECT_REASONS = {
+    400: "malformed",
+    401: "unauthorized",
+    408: "too_slow",
+    413: "too_large",
+    415: "unsupported_type",
+    422: "invalid",
+    429: "rate_limited",
+    503: "store_unavailable",
+}
+
+
 # --- Readings ------------------------------------------------------------------------------
 
 SENSOR_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -219,11 +300,14 @@ MILLISECONDS_FROM = 100_000_000_000  # a larger epoch number is in milliseconds,
 class ApiError(Exception):
     """An error a client sees as JSON {"error", "detail"} with a precise status code."""
 
-    def __init__(self, status: int, error: str, detail: object = None) -> None:
+    def __init__(
+        self, status: int, error: str, detail: object = None, headers: dict | None = None
+    ) -> None:
         super().__init__(error)
         self.status = status
         self.error = error
         self.detail = detail
+        self.headers = headers
 
 
 class ReadingError(ValueError):
@@ -635,7 +719,9 @@ def describe_store_error(error: sqlite3.Error) -> str:
         return "the disk holding the database is full"
     if "readonly" in text or "read-only" in text:
         return "the database file is read-only"
-    return f"the database cannot be written ({error.__class__.__name__})"
+    if "disk i/o" in text:
+        return "disk I/O error writing the database (the disk may be full or failing)"
+    return f"the database cannot be written ({getattr(error, 'sqlite_errorname', 'error')})"
 
 
 class Writer:
@@ -678,6 +764,7 @@ class Writer:
             jobs, self.pending = self.pending, []
             if not jobs:
                 continue
+            started = time.perf_counter()
             try:
                 results = await loop.run_in_executor(
                     self.thread, self.store.write, [readings for readings, _ in jobs]
@@ -688,7 +775,9 @@ class Writer:
                     if not future.done():
                         future.set_exception(error)
                 continue
+            COMMIT_SECONDS.observe(time.perf_counter() - started)
             for (_, future), result in zip(jobs, results, strict=True):
+                STORED.inc(len(result.stored))
                 for reading in result.stored:
                     self.subscribers.publish(reading, self.zone)
                 if not future.done():
@@ -717,8 +806,7 @@ class Subscribers:
         self.per_key = per_key
         self.queue_size = queue_size
         self.live: set[Subscriber] = set()
-        self.count_by_key: Counter[str] = Counter()
-        self.dropped = 0
+        self.count_by_key: Tally[str] = Tally()
 
     def join(self, key: str, sensor_id: str | None) -> Subscriber | None:
         if self.count_by_key[key] >= self.per_key:
@@ -743,7 +831,7 @@ class Subscribers:
             try:
                 subscriber.queue.put_nowait(message)
             except asyncio.QueueFull:
-                self.dropped += 1
+                DROPPED.inc()
                 self.leave(subscriber)
                 subscriber.overflowed.set()
                 log.warning("dropped a subscriber that fell %d messages behind", self.queue_size)
@@ -770,26 +858,107 @@ def keys_match(given: str | None, keys: tuple[str, ...]) -> bool:
     return matched
 
 
+class RateLimiter:
+    """Token buckets, one per API key and one per client address. A limited client is answered
+    429 at once, so it never holds up anybody else."""
+
+    MAX_BUCKETS = 100_000
+
+    def __init__(self, burst: int, per_second: float) -> None:
+        self.burst = burst
+        self.per_second = per_second
+        self.buckets: dict[str, tuple[float, float]] = {}
+
+    def wait_needed(self, name: str) -> float:
+        """Take one token; 0 when allowed, else the seconds until a token is back."""
+        now = time.monotonic()
+        tokens, then = self.buckets.get(name, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - then) * self.per_second)
+        if tokens < 1:
+            self.buckets[name] = (tokens, now)
+            return (1 - tokens) / self.per_second
+        if len(self.buckets) >= self.MAX_BUCKETS:
+            self.buckets.clear()  # a flood of addresses: start afresh rather than grow forever
+        self.buckets[name] = (tokens - 1, now)
+        return 0.0
+
+
+def check_rate(state, name: str) -> None:
+    if state.limiter is None:
+        return
+    wait = state.limiter.wait_needed(name)
+    if wait:
+        seconds = math.ceil(wait)
+        raise ApiError(
+            429, "too many requests", f"retry in {seconds} s", {"Retry-After": str(seconds)}
+        )
+
+
 def require_key(request: Request) -> None:
-    if not keys_match(request.headers.get("x-api-key"), request.app.state.settings.api_keys):
+    """Rate-limit the address, check the key, then rate-limit the key."""
+    state = request.app.state
+    check_rate(state, "address " + client_ip(request))
+    key = request.headers.get("x-api-key")
+    if not keys_match(key, state.settings.api_keys):
         raise ApiError(401, "missing or wrong API key", "send it in the X-API-Key header")
+    check_rate(state, "key " + key)
+
+
+def client_address(scope, trusted: tuple[IPNetwork, ...]) -> str:
+    """The socket's peer; behind a trusted proxy, the rightmost X-Forwarded-For hop that is not
+    itself a trusted proxy. A header from any other peer is ignored."""
+    peer = scope["client"][0] if scope.get("client") else ""
+    if not trusted or not is_trusted(peer, trusted):
+        return peer
+    hops = []
+    for name, value in scope["headers"]:
+        if name == b"x-forwarded-for":
+            hops += [hop.strip() for hop in value.decode("latin-1").split(",")]
+    for hop in reversed(hops):
+        if not is_trusted(hop, trusted):
+            return hop if is_address(hop) else peer
+    return hops[0] if hops and is_address(hops[0]) else peer
+
+
+def is_address(text: str) -> bool:
+    try:
+        ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def is_trusted(text: str, trusted: tuple[IPNetwork, ...]) -> bool:
+    try:
+        address = ip_address(text)
+    except ValueError:
+        return False
+    return any(address in network for network in trusted)
 
 
 def client_ip(request: Request) -> str:
-    return request.client.host if request.client else ""
+    return request.scope["state"]["client_ip"]
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to be over the limit."""
+async def read_body(request: Request, settings: Settings) -> bytes:
+    """The request body, refused with 413 as soon as it is known to be over the limit, and
+    with 408 when it does not arrive within REQUEST_TIMEOUT."""
+    limit = settings.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, "body too large", f"at most {limit} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "body too large", f"at most {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(settings.request_timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, "body too large", f"at most {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(
+            408, "body too slow", f"send it within {settings.request_timeout:g} s"
+        ) from None
     return b"".join(chunks)
 
 
@@ -808,7 +977,7 @@ async def read_payload(request: Request) -> object:
     kind = media_type(request)
     if kind not in JSON_TYPES and kind != FORM_TYPE:
         raise ApiError(415, "unsupported content type", f"send application/json or {FORM_TYPE}")
-    body = await read_body(request, request.app.state.settings.max_body_bytes)
+    body = await read_body(request, request.app.state.settings)
     # Many HTTP clients (curl -d, some board libraries) label a JSON body as a form.
     if kind != FORM_TYPE or body.lstrip()[:1] in (b"{", b"["):
         return decode_json(body)
@@ -1156,15 +1325,30 @@ async def ping(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+# The page loads nothing from elsewhere; the policy makes sure of it.
+DASHBOARD_POLICY = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "connect-src 'self' ws: wss:; img-src 'self' data:; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors 'none'"
+)
+
+
 async def dashboard(request: Request) -> Response:
-    return FileResponse(HERE / "dashboard.html", media_type="text/html; charset=utf-8")
+    headers = {"Content-Security-Policy": DASHBOARD_POLICY, "X-Content-Type-Options": "nosniff"}
+    return FileResponse(HERE / "dashboard.html", headers=headers, media_type="text/html")
 
 
 # --- App assembly ---------------------------------------------------------------------------
 
+INGEST_PATHS = {"/api/v1/temperature_reading", "/api/v1/readings"}
+
 
 async def api_error(request: Request, error: ApiError) -> Response:
-    headers = {"Connection": "close"} if error.status == 413 else None
+    headers = dict(error.headers or {})
+    if error.status in (408, 413):
+        headers["Connection"] = "close"  # the rest of the body is not worth waiting for
+    if request.url.path in INGEST_PATHS:
+        REJECTED.labels(REJECT_REASONS.get(error.status, str(error.status))).inc()
     return JSONResponse({"error": error.error, "detail": error.detail}, error.status, headers)
 
 
@@ -1172,13 +1356,24 @@ async def http_error(request: Request, error: HTTPException) -> Response:
     return JSONResponse({"error": error.detail, "detail": None}, error.status_code, error.headers)
 
 
-class RequestLog:
-    """One log line per request: method, path, status, milliseconds, sensor, client address."""
+async def metrics(request: Request) -> Response:
+    if not request.app.state.settings.metrics_public:
+        require_key(request)
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    def __init__(self, app) -> None:
+
+class RequestLog:
+    """Resolves the client address, then logs one line per request (method, path, status,
+    milliseconds, sensor, client address) and counts it for /metrics."""
+
+    def __init__(self, app, trusted: tuple[IPNetwork, ...]) -> None:
         self.app = app
+        self.trusted = trusted
 
     async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            return await self.app(scope, receive, send)
+        scope.setdefault("state", {})["client_ip"] = client_address(scope, self.trusted)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
@@ -1193,17 +1388,20 @@ class RequestLog:
         try:
             await self.app(scope, receive, send_and_note)
         finally:
+            seconds = time.perf_counter() - started
+            route = getattr(scope.get("route"), "path", "unmatched")
+            REQUESTS.labels(route, status).inc()
+            LATENCY.labels(route).observe(seconds)
             if log.isEnabledFor(logging.INFO):
-                sensor = scope.get("state", {}).get("sensor", "-")
-                client = scope.get("client") or ("-",)
+                state = scope["state"]
                 log.info(
                     "%s %s %d %.1fms sensor=%s client=%s",
                     scope["method"],
                     scope["path"],
                     status,
-                    (time.perf_counter() - started) * 1000,
-                    sensor or "-",
-                    client[0],
+                    seconds * 1000,
+                    state.get("sensor") or "-",
+                    state["client_ip"] or "-",
                 )
 
 
@@ -1213,9 +1411,11 @@ def build_app(settings: Settings) -> Starlette:
         store = SQLiteStore(settings.sqlite_path, settings.fields)
         store.open()
         subscribers = Subscribers(settings.max_ws_per_key, settings.ws_queue_size)
+        SUBSCRIBERS.set_function(lambda: len(subscribers.live))
         app.state.settings = settings
         app.state.store = store
         app.state.subscribers = subscribers
+        app.state.limiter = RateLimiter(*settings.rate_limit) if settings.rate_limit else None
         app.state.clock = ServerClock(store.last_server_ms)
         app.state.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sensorflow-read")
         app.state.writer = Writer(store, subscribers, settings.timezone)
@@ -1243,14 +1443,70 @@ def build_app(settings: Settings) -> Starlette:
         WebSocketRoute("/ws/sensor_updates", live_updates),
         Route("/api/v1/health", health),
         Route("/api/v1/ping", ping),
+        Route("/metrics", metrics),
         Route("/", dashboard),
     ]
+    middleware = []
+    if settings.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["X-API-Key", "Content-Type"],
+                max_age=600,
+            )
+        )
     app = Starlette(
         routes=routes,
+        middleware=middleware,
         lifespan=lifespan,
         exception_handlers={ApiError: api_error, HTTPException: http_error},
     )
-    return RequestLog(app)
+    return RequestLog(app, settings.trusted_proxies)
+
+
+def header_timeout_protocol(timeout: float):
+    """uvicorn's httptools protocol, plus a deadline for request headers: a client that
+    connects and then trickles (or never sends) its headers is dropped, so idle connections
+    cannot pile up."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class HeaderDeadlineProtocol(HttpToolsProtocol):
+        deadline = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.start_deadline()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self.start_deadline()
+
+        def on_headers_complete(self) -> None:
+            self.stop_deadline()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc) -> None:
+            self.stop_deadline()
+            super().connection_lost(exc)
+
+        def start_deadline(self) -> None:
+            self.stop_deadline()
+            self.deadline = self.loop.call_later(timeout, self.headers_too_slow)
+
+        def stop_deadline(self) -> None:
+            if self.deadline is not None:
+                self.deadline.cancel()
+                self.deadline = None
+
+        def headers_too_slow(self) -> None:
+            self.deadline = None
+            if not self.transport.is_closing():
+                log.info("dropped a connection whose request headers took over %g s", timeout)
+                self.transport.close()
+
+    return HeaderDeadlineProtocol
 
 
 SOCKET_SEND_BUFFER = 128 * 1024
@@ -1265,6 +1521,13 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def raise_open_file_limit() -> None:
+    """Many boards and subscribers mean many sockets: use all the descriptors allowed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main() -> None:
     import uvicorn
 
@@ -1276,8 +1539,10 @@ def main() -> None:
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     settings = ensure_api_key(settings)
+    raise_open_file_limit()
     config = uvicorn.Config(
         build_app(settings),
+        http=header_timeout_protocol(settings.request_timeout),
         log_level=settings.log_level.lower(),
         access_log=False,
         server_header=False,

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import resource
 import socket
 import stat
 import threading
@@ -72,7 +73,10 @@ def rss_kib(pid: int) -> int:
 
 
 def test_pico_w_request_bytes_get_201_within_one_1kb_read(server):
-    body = b'{"sensor_id":"e6614103e7696d2b","temperature":21.5,"humidity":"55.20","pressure":"1013.25"}'
+    body = (
+        b'{"sensor_id":"e6614103e7696d2b","temperature":21.5,'
+        b'"humidity":"55.20","pressure":"1013.25"}'
+    )
 
     answer = raw_request(server, pico_request(body))
 
@@ -374,8 +378,12 @@ def test_two_readings_of_one_sensor_never_share_a_timestamp(server):
 
 def test_concurrent_requests_share_commits(server):
     with ThreadPoolExecutor(32) as pool:
-        answers = list(pool.map(lambda i: post_reading(server, {"sensor_id": f"c{i % 8}",
-                                                                "temperature": 20}), range(400)))  # fmt: skip
+        answers = list(
+            pool.map(
+                lambda i: post_reading(server, {"sensor_id": f"c{i % 8}", "temperature": 20}),
+                range(400),
+            )
+        )
 
     commits = server.get("/api/v1/health").json()["store"]["commits"]
     assert all(answer.status_code == 201 for answer in answers)
@@ -697,8 +705,10 @@ def test_history_csv_of_100000_readings_streams_in_bounded_memory(big_server):
     rows = list(csv.DictReader(io.StringIO(answer.text)))
     assert answer.headers["content-type"].startswith("text/csv")
     assert 'filename="big_readings.csv"' in answer.headers["content-disposition"]
-    assert list(rows[0]) == ["id", "sensor_id", "timestamp", "temperature", "humidity",
-                             "pressure", "date_recorded", "time_recorded", "clock", "client_ip"]  # fmt: skip
+    assert list(rows[0]) == [
+        "id", "sensor_id", "timestamp", "temperature", "humidity", "pressure",
+        "date_recorded", "time_recorded", "clock", "client_ip",
+    ]  # fmt: skip
     assert len(rows) == 100_000
     assert max(samples) - idle < 50 * 1024
 
@@ -798,3 +808,218 @@ def test_sensors_lists_each_sensor_and_marks_silent_exactly_past_silent_after(se
     assert by_id["quiet"]["first_seen"] < by_id["quiet"]["last_seen"]
     assert by_id["quiet"]["latest"]["humidity"] == 50.0
     assert not any(sensor["silent"] for sensor in default)
+
+
+# --- Abuse limits -----------------------------------------------------------------------------
+
+
+def post_as(server: Server, address: str, key: str = API_KEY, sensor: str = "rl"):
+    return server.post("/api/v1/temperature_reading", key=key,
+                       json={"sensor_id": sensor, "temperature": 20},
+                       headers={"X-Forwarded-For": address})  # fmt: skip
+
+
+def test_rate_limit_answers_429_with_retry_after_and_spares_other_clients(make_server):
+    server = make_server(RATE_LIMIT="5/minute", FORWARDED_ALLOW_IPS="127.0.0.1",
+                         API_KEY=f"key-a-123456,key-b-123456,{API_KEY}")  # fmt: skip
+
+    first_five = [post_as(server, "198.51.100.1", "key-a-123456") for _ in range(5)]
+    limited = post_as(server, "198.51.100.1", "key-a-123456")
+    other = post_as(server, "198.51.100.2", "key-b-123456")
+
+    assert [answer.status_code for answer in first_five] == [201] * 5
+    assert limited.status_code == 429
+    assert 1 <= int(limited.headers["Retry-After"]) <= 12
+    assert other.status_code == 201
+    assert stored_count(server) == 6
+
+
+def test_rate_limit_applies_per_key_across_addresses(make_server):
+    server = make_server(RATE_LIMIT="3/minute", FORWARDED_ALLOW_IPS="127.0.0.1")
+
+    answers = [post_as(server, f"198.51.100.{index}") for index in range(1, 6)]
+
+    assert [answer.status_code for answer in answers] == [201, 201, 201, 429, 429]
+
+
+def test_forwarded_for_from_an_untrusted_peer_is_ignored_everywhere(make_server):
+    server = make_server(RATE_LIMIT="3/minute", API_KEY="key-a-123456,key-b-123456,key-c-123456",
+                         LOG_LEVEL="INFO")  # fmt: skip
+
+    answers = [post_as(server, f"203.0.113.{i}", f"key-{'abc'[i]}-123456") for i in range(3)]
+    limited = post_as(server, "203.0.113.99", "key-a-123456")
+    server.stop()
+
+    assert answers[0].json()["client_ip"] == "127.0.0.1"
+    assert limited.status_code == 429  # the same address, whatever the header says
+    assert "203.0.113" not in server.log()
+
+
+def test_behind_a_trusted_proxy_the_rightmost_untrusted_hop_is_the_client(make_server):
+    server = make_server(FORWARDED_ALLOW_IPS="127.0.0.1, 10.0.0.0/8", LOG_LEVEL="INFO")
+
+    answer = post_as(server, "203.0.113.9, 198.51.100.7, 10.1.2.3")
+    server.stop()
+
+    assert answer.json()["client_ip"] == "198.51.100.7"
+    assert "client=198.51.100.7" in server.log()
+
+
+def test_client_that_trickles_its_headers_is_dropped(make_server):
+    server = make_server(REQUEST_TIMEOUT="1")
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST /api/v1/temperature_reading HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        started = time.monotonic()
+        closed = sock.recv(1024)
+
+    assert closed == b""
+    assert time.monotonic() - started < 5
+
+
+def test_client_that_never_finishes_its_body_gets_408(make_server):
+    server = make_server(REQUEST_TIMEOUT="1")
+    head = (b"POST /api/v1/temperature_reading HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"X-API-Key: " + API_KEY.encode() + b"\r\nContent-Length: 100\r\n\r\n{")  # fmt: skip
+
+    answer = raw_request(server, head)
+
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert stored_count(server) == 0
+
+
+def test_500_idle_connections_do_not_stop_readings(server):
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(500)]
+    try:
+        time.sleep(0.5)
+
+        answers = [post_reading(server, {"sensor_id": "busy", "temperature": i}) for i in range(20)]
+
+        assert [answer.status_code for answer in answers] == [201] * 20
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_no_cors_headers_unless_origins_are_configured(make_server):
+    plain = make_server()
+    allowed = make_server(CORS_ORIGINS="https://dash.example.org")
+    preflight = {"Origin": "https://dash.example.org", "Access-Control-Request-Method": "GET",
+                 "Access-Control-Request-Headers": "x-api-key"}  # fmt: skip
+
+    without = requests.options(plain.url + "/api/v1/sensors", headers=preflight, timeout=5)
+    with_cors = requests.options(allowed.url + "/api/v1/sensors", headers=preflight, timeout=5)
+    foreign = requests.options(allowed.url + "/api/v1/sensors", timeout=5,
+                               headers={**preflight, "Origin": "https://evil.example"})  # fmt: skip
+
+    assert "access-control-allow-origin" not in without.headers
+    assert with_cors.headers["access-control-allow-origin"] == "https://dash.example.org"
+    assert "access-control-allow-origin" not in foreign.headers
+
+
+# --- Metrics ----------------------------------------------------------------------------------
+
+
+def test_metrics_need_a_key_and_count_requests_readings_and_rejections(server):
+    post_reading(server, {"sensor_id": "m", "temperature": 20})
+    post_reading(server, {"sensor_id": "m", "temperature": "NaN"})
+    with subscribe(server):
+        time.sleep(0.2)
+        text = server.get("/metrics").text
+
+    closed = requests.get(server.url + "/metrics", timeout=5)
+
+    assert closed.status_code == 401
+    assert 'sensorflow_requests_total{route="/api/v1/temperature_reading",status="201"} 1.0' in text
+    assert "sensorflow_readings_stored_total 1.0" in text
+    assert 'sensorflow_readings_rejected_total{reason="invalid"} 1.0' in text
+    assert "sensorflow_subscribers 1.0" in text
+    assert "sensorflow_commit_seconds_count 1.0" in text
+    assert (
+        'sensorflow_request_seconds_bucket{le="0.005",route="/api/v1/temperature_reading"}' in text
+    )
+
+
+def test_metrics_can_be_public(make_server):
+    server = make_server(METRICS_PUBLIC="true")
+
+    answer = requests.get(server.url + "/metrics", timeout=5)
+
+    assert answer.status_code == 200 and "sensorflow_requests_total" in answer.text
+
+
+# --- Faults -----------------------------------------------------------------------------------
+
+
+def test_sigkill_under_load_keeps_every_acknowledged_reading_and_no_refused_one(make_server):
+    server = make_server()
+    acknowledged, refused, lock = [], [], threading.Lock()
+    stop = threading.Event()
+    base_ms = ms_ago(200_000)
+
+    def writer(number):
+        session = requests.Session()
+        for index in range(10_000):
+            if stop.is_set():
+                return
+            bad = index % 5 == 0
+            reading = {"sensor_id": f"load-{number}", "temperature": index % 90,
+                       "humidity": 150 if bad else 40, "timestamp": base_ms + index}  # fmt: skip
+            try:
+                answer = session.post(server.url + "/api/v1/temperature_reading", json=reading,
+                                      headers={"X-API-Key": API_KEY}, timeout=5)  # fmt: skip
+            except requests.RequestException:
+                return
+            with lock:
+                if answer.status_code == 201:
+                    acknowledged.append((reading["sensor_id"], reading["timestamp"]))
+                elif answer.status_code == 422:
+                    refused.append((reading["sensor_id"], reading["timestamp"]))
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    while len(acknowledged) < 1500:
+        time.sleep(0.01)
+    server.kill()
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=10)
+    again = make_server()
+
+    present = set()
+    for number in range(8):
+        history = again.get(f"/api/v1/sensor/load-{number}/readings",
+                            params={"limit": 100000}).json()["readings"]  # fmt: skip
+        for reading in history:
+            stamp = datetime.strptime(reading["timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ")
+            ms = round(stamp.replace(tzinfo=UTC).timestamp() * 1000)
+            present.add((reading["sensor_id"], ms))
+    assert set(acknowledged) <= present
+    assert not set(refused) & present
+    assert refused
+
+
+def test_full_disk_gives_503_loses_nothing_and_recovers_on_its_own(make_server):
+    server = make_server()
+    before = [post_reading(server, {"sensor_id": "disk", "temperature": i}) for i in range(20)]
+    pid = server.process.pid
+    limits = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (0, limits[1]))
+    try:
+        during = post_reading(server, {"sensor_id": "disk", "temperature": 99})
+        health = requests.get(server.url + "/api/v1/health", timeout=5)
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, limits)
+    recovered_health = requests.get(server.url + "/api/v1/health", timeout=5)
+    after = post_reading(server, {"sensor_id": "disk", "temperature": 21})
+
+    assert all(answer.status_code == 201 for answer in before)
+    assert during.status_code == 503
+    assert "disk" in during.json()["detail"] and "not stored" in during.json()["error"]
+    assert health.status_code == 503 and health.json()["status"] == "degraded"
+    assert "disk" in health.json()["store"]["detail"]
+    assert recovered_health.status_code == 200 and after.status_code == 201
+    history = server.get("/api/v1/sensor/disk/readings").json()["readings"]
+    assert [reading["temperature"] for reading in history] == [float(i) for i in range(20)] + [21.0]
