@@ -462,9 +462,10 @@ class WriteResult:
 class SQLiteStore:
     """Readings in one SQLite file (WAL). Only the writer thread writes; reads use their own."""
 
-    def __init__(self, path: Path, fields: tuple[str, ...]) -> None:
+    def __init__(self, path: Path, fields: tuple[str, ...], outbox: bool = False) -> None:
         self.path = path
         self.fields = fields
+        self.outbox = outbox  # in InfluxDB mode: what InfluxDB has not accepted yet
         self.columns = ", ".join(f'"{name}"' for name in fields)
         self.insert_sql = (
             f"INSERT OR IGNORE INTO readings (id, sensor_id, ts_ms, device_clock, client_ip,"
@@ -498,6 +499,8 @@ class SQLiteStore:
                 sensor_id TEXT PRIMARY KEY, first_ms INTEGER, last_ms INTEGER, count INTEGER,
                 fields TEXT, last_server_ms INTEGER);
             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+            CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY, spooled_ms INTEGER);
+            CREATE TABLE IF NOT EXISTS set_aside (id INTEGER PRIMARY KEY, reason TEXT);
         """)
         known = {row[1] for row in self.writer.execute("PRAGMA table_info(readings)")}
         for name in self.fields:
@@ -540,7 +543,13 @@ class SQLiteStore:
                 for row in self.writer.execute("SELECT id FROM readings WHERE id >= ?", (first_id,))
             }
             results = [self.sort_out(job, inserted) for job in jobs]
-            self.update_sensors(reading for result in results for reading in result.stored)
+            stored = [reading for result in results for reading in result.stored]
+            self.update_sensors(stored)
+            if self.outbox:
+                spooled_ms = time.time_ns() // 1_000_000
+                self.writer.executemany(
+                    "INSERT INTO outbox VALUES (?, ?)", [(r.id, spooled_ms) for r in stored]
+                )
             self.writer.execute("COMMIT")
         except sqlite3.Error as error:
             self.fail(error)
@@ -658,21 +667,29 @@ class SQLiteStore:
         }
         return Reading(row[1], values, row[2], row[4], id=row[0], device_clock=bool(row[3]))
 
-    def latest(self, sensor_id: str) -> Reading | None:
+    def latest(self, sensor_id: str, pending_only: bool = False) -> Reading | None:
+        pending = PENDING if pending_only else ""
         row = self.reader.execute(
-            self.select("WHERE sensor_id = ? ORDER BY ts_ms DESC LIMIT 1"), (sensor_id,)
+            self.select(f"WHERE sensor_id = ? {pending} ORDER BY ts_ms DESC LIMIT 1"), (sensor_id,)
         ).fetchone()
         return self.reading(row) if row else None
 
     def history(
-        self, sensor_id: str, start_ms: int, end_ms: int, limit: int, descending: bool
+        self,
+        sensor_id: str,
+        start_ms: int,
+        end_ms: int,
+        limit: int,
+        descending: bool,
+        pending_only: bool = False,
     ) -> Iterator[list[Reading]]:
         """The sensor's readings in [start, end], in chunks so an export never sits in memory."""
+        order = "DESC" if descending else "ASC"
+        pending = PENDING if pending_only else ""
         cursor = self.reader.execute(
             self.select(
-                "WHERE sensor_id = ? AND ts_ms BETWEEN ? AND ? ORDER BY ts_ms "
-                + ("DESC" if descending else "ASC")
-                + " LIMIT ?"
+                f"WHERE sensor_id = ? AND ts_ms BETWEEN ? AND ? {pending} ORDER BY ts_ms {order}"
+                " LIMIT ?"
             ),
             (sensor_id, start_ms, end_ms, limit),
         )
@@ -687,14 +704,17 @@ class SQLiteStore:
         every_ms: int,
         limit: int,
         descending: bool,
+        pending_only: bool = False,
     ) -> Iterator[list[tuple]]:
-        """One row per time bucket: bucket start, count, then min, mean and max of each field."""
-        stats = ", ".join(f'min("{n}"), avg("{n}"), max("{n}")' for n in self.fields)
+        """One row per time bucket: its start, its count, then for each field the count, sum,
+        min and max of its values."""
+        stats = ", ".join(f'count("{n}"), sum("{n}"), min("{n}"), max("{n}")' for n in self.fields)
+        order = "DESC" if descending else "ASC"
+        pending = PENDING if pending_only else ""
         cursor = self.reader.execute(
             f"SELECT ts_ms / ? * ? AS bucket, count(*), {stats} FROM readings"
-            " WHERE sensor_id = ? AND ts_ms BETWEEN ? AND ? GROUP BY bucket ORDER BY bucket "
-            + ("DESC" if descending else "ASC")
-            + " LIMIT ?",
+            f" WHERE sensor_id = ? AND ts_ms BETWEEN ? AND ? {pending}"
+            f" GROUP BY bucket ORDER BY bucket {order} LIMIT ?",
             (every_ms, every_ms, sensor_id, start_ms, end_ms, limit),
         )
         while rows := cursor.fetchmany(HISTORY_CHUNK):
@@ -709,7 +729,60 @@ class SQLiteStore:
             for sensor_id, first, last, count, fields in rows.fetchall()
         ]
 
+    def pending_sensors(self) -> list[tuple[str, int, int, int, list[str]]]:
+        """Per sensor, what the outbox holds: first and last time, count, fields present."""
+        present = ", ".join(f'count("{name}")' for name in self.fields)
+        rows = self.reader.execute(
+            f"SELECT sensor_id, min(ts_ms), max(ts_ms), count(*), {present} FROM readings"
+            f" WHERE 1 {PENDING} GROUP BY sensor_id"
+        ).fetchall()
+        return [
+            (
+                row[0],
+                row[1],
+                row[2],
+                row[3],
+                [f for f, n in zip(self.fields, row[4:], strict=True) if n],
+            )
+            for row in rows
+        ]
 
+    # The outbox, used by the InfluxDB delivery thread through its own connection.
+
+    def outbox_batch(self, connection: sqlite3.Connection, limit: int) -> list[Reading]:
+        rows = connection.execute(
+            self.select(f"WHERE 1 {PENDING} ORDER BY id LIMIT ?"), (limit,)
+        ).fetchall()
+        return [self.reading(row) for row in rows]
+
+    def outbox_done(
+        self, connection: sqlite3.Connection, ids: list[int], set_aside: dict[int, str]
+    ) -> None:
+        """Forget delivered readings; keep refused ones aside with the reason."""
+        with connection:
+            connection.executemany("INSERT OR REPLACE INTO set_aside VALUES (?, ?)",
+                                   set_aside.items())  # fmt: skip
+            connection.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+
+    def outbox_state(self, connection: sqlite3.Connection) -> tuple[int, int | None, int]:
+        """Backlog size, when its oldest reading was spooled, and how many were set aside."""
+        backlog, oldest = connection.execute(
+            "SELECT count(*), min(spooled_ms) FROM outbox"
+        ).fetchone()
+        set_aside = connection.execute("SELECT count(*) FROM set_aside").fetchone()[0]
+        return backlog, oldest, set_aside
+
+    def forget_delivered(self, connection: sqlite3.Connection, before_ms: int) -> None:
+        """Drop delivered readings older than the window kept for spotting resent readings."""
+        with connection:
+            connection.execute(
+                "DELETE FROM readings WHERE ts_ms < ? AND id NOT IN (SELECT id FROM outbox)"
+                " AND id NOT IN (SELECT id FROM set_aside)",
+                (before_ms,),
+            )
+
+
+PENDING = "AND id IN (SELECT id FROM outbox)"
 HISTORY_CHUNK = 1000
 
 
@@ -724,6 +797,322 @@ def describe_store_error(error: sqlite3.Error) -> str:
     return f"the database cannot be written ({getattr(error, 'sqlite_errorname', 'error')})"
 
 
+DELIVERY_BATCH = 5000
+BACKOFF_SECONDS = (0.5, 1, 2, 5, 10)
+RESEND_WINDOW_MS = 24 * 3600 * 1000  # delivered readings kept locally to spot a resend
+
+
+class InfluxStore:
+    """Readings in InfluxDB 3, through influxdb3-python. Each reading is first committed to the
+    local SQLite store, whose outbox holds what InfluxDB has not accepted yet; a delivery thread
+    sends the outbox oldest first, many readings per write. Reads ask InfluxDB with bound
+    parameters and add what is still in the outbox, so a 201 can always be read back."""
+
+    def __init__(self, settings: Settings, local: SQLiteStore) -> None:
+        from influxdb_client_3 import (  # imported only in this mode: it is large
+            InfluxDBClient3,
+            WriteOptions,
+            WriteType,
+            write_client_options,
+        )
+
+        self.local = local
+        self.fields = settings.fields
+        self.table = settings.influx_measurement
+        options = WriteOptions(
+            write_type=WriteType.synchronous,  # one request per write, no hidden retries
+            use_v2_api=False,
+            timeout=settings.influx_write_timeout * 1000,
+        )
+        self.client = InfluxDBClient3(
+            host=settings.influx_host,
+            token=settings.influx_token,
+            database=settings.influx_database,
+            write_client_options=write_client_options(write_options=options),
+            query_timeout=settings.influx_write_timeout * 1000,
+        )
+        self.influx_state = "starting"
+        self.influx_detail: str | None = None
+        self.failures = 0
+        self.connection: sqlite3.Connection | None = None
+        self.set_aside_count = 0
+
+    @property
+    def write_error(self) -> str | None:
+        return self.local.write_error
+
+    def close(self) -> None:
+        self.client.close()
+        if self.connection is not None:
+            self.connection.close()
+
+    # Delivery: called only from the delivery thread.
+
+    def point(self, reading: Reading):
+        from influxdb_client_3 import Point, WritePrecision
+
+        point = Point(self.table).tag("sensor_id", reading.sensor_id)
+        for name, value in reading.values.items():
+            point.field(name, float(value))  # a Python int would become an integer column
+        point.field("client_ip", reading.client_ip)
+        point.field("clock", "device" if reading.device_clock else "server")
+        point.field("id", int(reading.id))
+        return point.time(reading.ts_ms, WritePrecision.MS)  # explicit: the default is ns
+
+    def deliver(self) -> float | None:
+        """Send the oldest outbox readings in one write. Returns the seconds to wait before the
+        next try (0: go on at once), or None when the outbox is empty."""
+        import urllib3
+        from influxdb_client_3.exceptions import InfluxDBError, InfluxDBPartialWriteError
+
+        if self.connection is None:
+            self.connection = self.local.connect()
+        batch = self.local.outbox_batch(self.connection, DELIVERY_BATCH)
+        if not batch:
+            now_ms = time.time_ns() // 1_000_000
+            self.local.forget_delivered(self.connection, now_ms - RESEND_WINDOW_MS)
+            return None
+        set_aside: dict[int, str] = {}
+        try:
+            self.client.write(record=[self.point(reading) for reading in batch])
+        except InfluxDBPartialWriteError as error:
+            # InfluxDB stored the other lines: set aside only those it refused.
+            for line in error.line_errors:
+                reading = batch[line.line_number - 1]
+                set_aside[reading.id] = line.error_message[:300]
+                log.error(
+                    "InfluxDB refused the reading of %s at %s, set aside: %s",
+                    reading.sensor_id,
+                    format_timestamp(reading.ts_ms),
+                    line.error_message[:200],
+                )
+        except InfluxDBError as error:
+            status = getattr(error, "status", None)
+            return self.down(f"InfluxDB answered {status}", getattr(error, "retry_after", None))
+        except urllib3.exceptions.HTTPError as error:
+            reason = "timed out" if "timeout" in type(error).__name__.lower() else "unreachable"
+            return self.down(f"InfluxDB {reason}", None)
+        self.local.outbox_done(self.connection, [reading.id for reading in batch], set_aside)
+        self.set_aside_count += len(set_aside)
+        if self.influx_state != "up":
+            log.info("InfluxDB accepts writes again")
+        self.influx_state, self.influx_detail, self.failures = "up", None, 0
+        return 0
+
+    def down(self, detail: str, retry_after: str | None) -> float:
+        DELIVERY_FAILURES.inc()
+        if self.influx_state != "down":
+            log.warning("%s: readings wait in the local spool", detail)
+        self.influx_state, self.influx_detail = "down", detail
+        self.failures += 1
+        backoff = BACKOFF_SECONDS[min(self.failures, len(BACKOFF_SECONDS)) - 1]
+        if retry_after and retry_after.isdigit():
+            backoff = max(backoff, min(int(retry_after), BACKOFF_SECONDS[-1]))
+        return backoff
+
+    def outbox_state(self) -> tuple[int, int | None, int]:
+        if self.connection is None:
+            self.connection = self.local.connect()
+        return self.local.outbox_state(self.connection)
+
+    # Reads: called from the reader thread.
+
+    def query(self, sql: str, **parameters) -> list[dict]:
+        """Rows of a parameterised query; a table InfluxDB has never seen has no rows."""
+        from influxdb_client_3.exceptions import InfluxDB3ClientQueryError
+
+        try:
+            table = self.client.query(
+                sql.format(table=f'"{self.table}"'), query_parameters=parameters
+            )
+        except InfluxDB3ClientQueryError as error:
+            if "not found" in str(error):
+                return []
+            raise
+        if "time" in table.column_names:
+            import pyarrow
+
+            nanoseconds = table.column("time").cast(pyarrow.int64())
+            table = table.set_column(table.column_names.index("time"), "time", nanoseconds)
+        return table.to_pylist()
+
+    def reading(self, row: dict) -> Reading:
+        values = {name: row[name] for name in self.fields if row.get(name) is not None}
+        return Reading(
+            row["sensor_id"],
+            values,
+            row["time"] // 1_000_000,
+            row.get("client_ip") or "",
+            id=row.get("id"),
+            device_clock=row.get("clock") == "device",
+        )
+
+    def latest(self, sensor_id: str) -> Reading | None:
+        return self.or_local(self.latest_merged, self.local.latest, sensor_id)
+
+    def history(self, *args) -> Iterator[list[Reading]]:
+        return self.or_local(chunked_merge(self.history_merged), self.local.history, *args)
+
+    def buckets(self, *args) -> Iterator[list[tuple]]:
+        return self.or_local(chunked_merge(self.buckets_merged), self.local.buckets, *args)
+
+    def sensors(self) -> list[tuple[str, int, int, int, list[str], Reading | None]]:
+        return self.or_local(self.sensors_merged, self.local.sensors)
+
+    def or_local(self, read, fallback, *args):
+        """Ask InfluxDB; while it cannot answer, answer from the local store, which keeps the
+        last day of readings and everything not yet delivered."""
+        from influxdb_client_3.exceptions import InfluxDB3ClientQueryError
+
+        try:
+            return read(*args)
+        except InfluxDB3ClientQueryError as error:
+            log.warning("InfluxDB cannot be queried, answering from the local store: %.120s", error)
+            return fallback(*args)
+
+    def latest_merged(self, sensor_id: str) -> Reading | None:
+        rows = self.query(
+            "SELECT * FROM {table} WHERE sensor_id = $sensor ORDER BY time DESC LIMIT 1",
+            sensor=sensor_id,
+        )
+        candidates = [self.reading(row) for row in rows]
+        pending = self.local.latest(sensor_id, pending_only=True)
+        candidates += [pending] if pending else []
+        return max(candidates, key=lambda reading: reading.ts_ms, default=None)
+
+    def history_merged(
+        self, sensor_id: str, start_ms: int, end_ms: int, limit: int, descending: bool
+    ) -> list[Reading]:
+        order = "DESC" if descending else "ASC"
+        rows = self.query(
+            "SELECT * FROM {table} WHERE sensor_id = $sensor"
+            " AND time >= to_timestamp_millis($start) AND time <= to_timestamp_millis($end)"
+            f" ORDER BY time {order} LIMIT $limit",
+            sensor=sensor_id,
+            start=start_ms,
+            end=end_ms,
+            limit=limit,
+        )
+        stored = [self.reading(row) for row in rows]
+        chunks = self.local.history(sensor_id, start_ms, end_ms, limit, descending, True)
+        pending = [reading for chunk in chunks for reading in chunk]
+        merged = {reading.ts_ms: reading for reading in stored + pending}
+        return sorted(merged.values(), key=lambda r: r.ts_ms, reverse=descending)[:limit]
+
+    def buckets_merged(
+        self,
+        sensor_id: str,
+        start_ms: int,
+        end_ms: int,
+        every_ms: int,
+        limit: int,
+        descending: bool,
+    ) -> list[tuple]:
+        columns = self.columns()
+        stats = ", ".join(
+            f'count("{n}") AS "{n}_n", sum("{n}") AS "{n}_sum", min("{n}") AS "{n}_min",'
+            f' max("{n}") AS "{n}_max"'
+            for n in self.fields
+            if n in columns
+        )
+        rows = (
+            self.query(
+                "SELECT CAST(time AS BIGINT) / 1000000 / $every * $every AS bucket,"
+                f" count(*) AS n{', ' + stats if stats else ''} FROM {{table}}"
+                " WHERE sensor_id = $sensor"
+                " AND time >= to_timestamp_millis($start) AND time <= to_timestamp_millis($end)"
+                " GROUP BY CAST(time AS BIGINT) / 1000000 / $every * $every",
+                sensor=sensor_id,
+                start=start_ms,
+                end=end_ms,
+                every=every_ms,
+            )
+            if columns
+            else []
+        )
+        merged: dict[int, list] = {}
+        for row in rows:
+            stats_row = [row["n"]]
+            for name in self.fields:
+                stats_row += [row.get(f"{name}_{s}") for s in ("n", "sum", "min", "max")]
+            merged[row["bucket"]] = stats_row
+        for chunk in self.local.buckets(
+            sensor_id, start_ms, end_ms, every_ms, limit, descending, pending_only=True
+        ):
+            for row in chunk:
+                merged[row[0]] = combine_buckets(merged.get(row[0]), list(row[1:]))
+        ordered = sorted(merged.items(), reverse=descending)[:limit]
+        return [(bucket, *stats_row) for bucket, stats_row in ordered]
+
+    def columns(self) -> set[str]:
+        rows = self.query("SELECT * FROM {table} LIMIT 1")
+        return set(rows[0]) if rows else set()
+
+    def sensors_merged(self) -> list[tuple[str, int, int, int, list[str], Reading | None]]:
+        columns = self.columns()
+        present = "".join(f', count("{n}") AS "{n}"' for n in self.fields if n in columns)
+        summary = (
+            {
+                row["sensor_id"]: [
+                    row["first"],
+                    row["last"],
+                    row["n"],
+                    {f for f in self.fields if row.get(f)},
+                ]  # fmt: skip
+                for row in self.query(
+                    "SELECT sensor_id, CAST(min(time) AS BIGINT) AS first,"
+                    f" CAST(max(time) AS BIGINT) AS last, count(*) AS n{present}"
+                    " FROM {table} GROUP BY sensor_id"
+                )
+            }
+            if columns
+            else {}
+        )
+        for entry in summary.values():
+            entry[0] //= 1_000_000
+            entry[1] //= 1_000_000
+        for sensor_id, first, last, count, fields in self.local.pending_sensors():
+            entry = summary.setdefault(sensor_id, [first, last, 0, set()])
+            entry[0], entry[1] = min(entry[0], first), max(entry[1], last)
+            entry[2] += count
+            entry[3].update(fields)
+        return [
+            (sensor_id, first, last, count, sorted(fields), self.latest_merged(sensor_id))
+            for sensor_id, (first, last, count, fields) in sorted(summary.items())
+        ]
+
+
+def chunked_merge(read):
+    """Turn a read that returns one list into one that yields chunks, like the SQLite store."""
+
+    def chunks(*args) -> Iterator[list]:
+        rows = read(*args)  # here, not lazily, so a failed query falls back to the local store
+        return iter(
+            [rows[start : start + HISTORY_CHUNK] for start in range(0, len(rows), HISTORY_CHUNK)]
+        )
+
+    return chunks
+
+
+def combine_buckets(stored: list | None, pending: list) -> list:
+    """Add a bucket of outbox readings to the same bucket from InfluxDB."""
+    if stored is None:
+        return pending
+    combined = [stored[0] + pending[0]]
+    for index in range(1, len(stored), 4):
+        (n1, s1, lo1, hi1), (n2, s2, lo2, hi2) = (
+            stored[index : index + 4],
+            pending[index : index + 4],
+        )
+        combined += [
+            (n1 or 0) + (n2 or 0),
+            (s1 or 0) + (s2 or 0),
+            min(v for v in (lo1, lo2) if v is not None) if n1 or n2 else None,
+            max(v for v in (hi1, hi2) if v is not None) if n1 or n2 else None,
+        ]
+    return combined
+
+
 class Writer:
     """The single writer: commits whatever has accumulated in one transaction, then tells
     subscribers and the waiting requests, in the order the readings were stored."""
@@ -736,6 +1125,7 @@ class Writer:
         self.wakeup = asyncio.Event()
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sensorflow-writer")
         self.task: asyncio.Task | None = None
+        self.committed = asyncio.Event()  # wakes the InfluxDB delivery after each commit
 
     def start(self) -> None:
         self.task = asyncio.create_task(self.run())
@@ -776,12 +1166,38 @@ class Writer:
                         future.set_exception(error)
                 continue
             COMMIT_SECONDS.observe(time.perf_counter() - started)
+            self.committed.set()
             for (_, future), result in zip(jobs, results, strict=True):
                 STORED.inc(len(result.stored))
                 for reading in result.stored:
                     self.subscribers.publish(reading, self.zone)
                 if not future.done():
                     future.set_result(result)
+
+
+async def deliver_forever(store: InfluxStore, committed: asyncio.Event) -> None:
+    """Keep sending the outbox to InfluxDB: at once after a commit, after a backoff on failure."""
+    loop = asyncio.get_running_loop()
+    thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sensorflow-deliver")
+    try:
+        while True:
+            committed.clear()
+            wait = await loop.run_in_executor(thread, store.deliver)
+            SPOOL_BACKLOG.set((await loop.run_in_executor(thread, store.outbox_state))[0])
+            if wait == 0:
+                continue
+            try:
+                if wait is None:  # nothing to send: sleep until the next commit
+                    await asyncio.wait_for(committed.wait(), timeout=IDLE_CHECK_SECONDS)
+                else:
+                    await asyncio.sleep(wait)
+            except TimeoutError:
+                pass
+    finally:
+        thread.shutdown(wait=False)
+
+
+IDLE_CHECK_SECONDS = 60
 
 
 # --- Live updates ---------------------------------------------------------------------------
@@ -1173,9 +1589,9 @@ def bucket_row(row: tuple, fields: tuple[str, ...]) -> dict:
     """A bucket as {"time", "count", "<field>_min", "<field>_mean", "<field>_max", ...}."""
     entry = {"time": format_timestamp(row[0]), "count": row[1]}
     for index, name in enumerate(fields):
-        low, mean, high = row[2 + 3 * index : 5 + 3 * index]
-        if mean is not None:
-            entry.update({f"{name}_min": low, f"{name}_mean": mean, f"{name}_max": high})
+        count, total, low, high = row[2 + 4 * index : 6 + 4 * index]
+        if count:
+            entry.update({f"{name}_min": low, f"{name}_mean": total / count, f"{name}_max": high})
     return entry
 
 
@@ -1296,26 +1712,38 @@ async def close_quietly(websocket: WebSocket, code: int, reason: str) -> None:
 
 
 async def health(request: Request) -> Response:
-    """State for people and monitors; 503 when the store cannot write. No key, no paths."""
+    """State for people and monitors; 503 when no reading can be stored. No key, no paths."""
     state = request.app.state
-    store = state.store
-    if store.write_error is not None:
+    local = state.writer.store
+    if local.write_error is not None:
         try:
             await state.writer.probe()
         except StoreError:
             pass
-    writable = store.write_error is None
+    writable = local.write_error is None
+    store = {"kind": "sqlite", "writable": writable, "detail": local.write_error}
+    store["commits"] = local.commits
+    healthy = writable
+    if isinstance(state.store, InfluxStore):
+        influx = state.store
+        loop = asyncio.get_running_loop()
+        backlog, oldest_ms, set_aside = await loop.run_in_executor(None, influx.outbox_state)
+        now_ms = time.time_ns() // 1_000_000
+        store.update(
+            kind="influxdb",
+            influxdb=influx.influx_state,
+            influxdb_detail=influx.influx_detail,
+            spool_backlog=backlog,
+            spool_oldest_age_seconds=round((now_ms - oldest_ms) / 1000, 1) if oldest_ms else 0,
+            set_aside=set_aside,
+        )
+        healthy = writable and influx.influx_state != "down" and not set_aside
     body = {
-        "status": "healthy" if writable else "degraded",
+        "status": "healthy" if healthy else "degraded",
         "version": VERSION,
         "timestamp": format_timestamp(time.time_ns() // 1_000_000),
         "uptime_seconds": round(time.monotonic() - state.started, 1),
-        "store": {
-            "kind": "sqlite",
-            "writable": writable,
-            "detail": store.write_error,
-            "commits": store.commits,
-        },
+        "store": store,
         "subscribers": len(state.subscribers.live),
     }
     return JSONResponse(body, 200 if writable else 503)
@@ -1408,21 +1836,34 @@ class RequestLog:
 def build_app(settings: Settings) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette):
-        store = SQLiteStore(settings.sqlite_path, settings.fields)
-        store.open()
+        local = SQLiteStore(
+            settings.sqlite_path, settings.fields, outbox=bool(settings.influx_host)
+        )
+        local.open()
+        store = InfluxStore(settings, local) if settings.influx_host else local
         subscribers = Subscribers(settings.max_ws_per_key, settings.ws_queue_size)
         SUBSCRIBERS.set_function(lambda: len(subscribers.live))
         app.state.settings = settings
         app.state.store = store
         app.state.subscribers = subscribers
         app.state.limiter = RateLimiter(*settings.rate_limit) if settings.rate_limit else None
-        app.state.clock = ServerClock(store.last_server_ms)
+        app.state.clock = ServerClock(local.last_server_ms)
         app.state.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sensorflow-read")
-        app.state.writer = Writer(store, subscribers, settings.timezone)
+        app.state.writer = Writer(local, subscribers, settings.timezone)
         app.state.started = time.monotonic()
         app.state.writer.start()
+        delivery = None
+        if isinstance(store, InfluxStore):
+            delivery = asyncio.create_task(deliver_forever(store, app.state.writer.committed))
         shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
-        log.info("SensorFlow %s storing readings in %s", VERSION, settings.sqlite_path.resolve())
+        if isinstance(store, InfluxStore):
+            log.info("SensorFlow %s storing readings in InfluxDB database %s at %s, spooled in %s",
+                     VERSION, settings.influx_database, settings.influx_host,
+                     settings.sqlite_path.resolve())  # fmt: skip
+        else:
+            log.info(
+                "SensorFlow %s storing readings in %s", VERSION, settings.sqlite_path.resolve()
+            )
         log.info(
             "send readings to http://%s:%d/api/v1/temperature_reading; dashboard at /",
             shown_host,
@@ -1430,8 +1871,12 @@ def build_app(settings: Settings) -> Starlette:
         )
         yield
         await app.state.writer.stop()
+        if delivery is not None:
+            delivery.cancel()
         app.state.reader.shutdown(wait=True)
         store.close()
+        if store is not local:
+            local.close()
         log.info("SensorFlow stopped")
 
     routes = [

@@ -45,6 +45,7 @@ class Server:
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 20.0) -> "Server":
+        self.folder.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, str(HERE / "app.py")],
