@@ -12,10 +12,15 @@ Routes:
     GET  /api/v1/sensors                  every sensor, with silent ones marked
     WS   /ws/sensor_updates               live readings
     GET  /api/v1/health, /api/v1/ping     state, without a key
+    GET  /metrics, /openapi.json, /docs   Prometheus metrics and the API description
     GET  /                                the built-in dashboard
 
 Settings come from the environment or a `.env` file; every one has a safe default (see README).
-The store is SQLite in WAL mode; one writer commits whatever has accumulated in one transaction.
+The store is SQLite in WAL mode: one writer commits whatever has accumulated in one transaction.
+With INFLUX_HOST set, that SQLite file is a spool in front of InfluxDB 3, and reads ask InfluxDB.
+
+The file reads in the order a reading travels: settings, metrics, readings (parsing and
+validation), storage (SQLite, then InfluxDB), live updates, routes, app assembly.
 """
 
 from __future__ import annotations
@@ -1670,6 +1675,11 @@ async def live_updates(websocket: WebSocket) -> None:
     state = websocket.app.state
     key = websocket.query_params.get("api-key") or websocket.headers.get("x-api-key")
     await websocket.accept()
+    try:
+        check_rate(state, "address " + websocket.scope["state"]["client_ip"])
+    except ApiError:
+        await websocket.close(1013, "too many requests: try again later")
+        return
     if not keys_match(key, state.settings.ws_keys):
         await websocket.close(1008, "missing or wrong API key")
         return

@@ -1023,3 +1023,16 @@ def test_full_disk_gives_503_loses_nothing_and_recovers_on_its_own(make_server):
     assert recovered_health.status_code == 200 and after.status_code == 201
     history = server.get("/api/v1/sensor/disk/readings").json()["readings"]
     assert [reading["temperature"] for reading in history] == [float(i) for i in range(20)] + [21.0]
+
+
+def test_websocket_connects_count_against_the_address_rate_limit(make_server):
+    server = make_server(RATE_LIMIT="2/minute")
+
+    for _ in range(2):
+        with subscribe(server):
+            pass
+    with subscribe(server) as limited:
+        with pytest.raises(ConnectionClosed) as closed:
+            limited.recv(timeout=5)
+
+    assert closed.value.rcvd.code == 1013
