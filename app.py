@@ -26,6 +26,7 @@ validation), storage (SQLite, then InfluxDB), live updates, routes, app assembly
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hmac
 import json
 import logging
@@ -75,6 +76,10 @@ FIELD_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 RATE = re.compile(r"(\d+)\s*/\s*(second|minute|hour)")
 PERIOD_SECONDS = {"second": 1, "minute": 60, "hour": 3600}
 IPNetwork = IPv4Network | IPv6Network
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+INFLUX_URL = re.compile(
+    r"https?://[^/\s:]+(:\d{1,5})(/.*)?|https?://\[[0-9a-fA-F:]+\]:\d{1,5}(/.*)?"
+)
 RESERVED_NAMES = {
     "id",
     "sensor_id",
@@ -137,7 +142,16 @@ def split_list(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
-def read_int(env: dict[str, str], name: str, default: int, minimum: int = 1) -> int:
+def read_bool(env: dict[str, str], name: str) -> bool:
+    text = env.get(name, "").strip().lower()
+    if text not in ("", "true", "false", "1", "0", "yes", "no"):
+        raise SettingsError(f"{name} must be true or false, got {text!r}")
+    return text in ("true", "1", "yes")
+
+
+def read_int(
+    env: dict[str, str], name: str, default: int, minimum: int = 1, maximum: int = 2**31
+) -> int:
     text = env.get(name, "").strip()
     if not text:
         return default
@@ -145,8 +159,8 @@ def read_int(env: dict[str, str], name: str, default: int, minimum: int = 1) -> 
         value = int(text)
     except ValueError:
         raise SettingsError(f"{name} must be a whole number, got {text!r}") from None
-    if value < minimum:
-        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
+    if not minimum <= value <= maximum:
+        raise SettingsError(f"{name} must be from {minimum} to {maximum}, got {value}")
     return value
 
 
@@ -198,9 +212,22 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
 
     fields = split_list(env.get("FIELDS", "") or DEFAULT_FIELDS)
     for name in fields:
-        if not FIELD_NAME.fullmatch(name) or name in RESERVED_NAMES:
+        if name in RESERVED_NAMES:
+            raise SettingsError(f"FIELDS: {name!r} is a reserved name; choose another")
+        if not FIELD_NAME.fullmatch(name):
             raise SettingsError(f"FIELDS: {name!r} must be lowercase letters, digits and _")
-    ranges = parse_ranges(DEFAULT_RANGES) | parse_ranges(env.get("FIELD_RANGES", ""))
+    own_ranges = parse_ranges(env.get("FIELD_RANGES", ""))
+    for name in own_ranges:
+        if name not in fields:
+            raise SettingsError(f"FIELD_RANGES names {name!r}, which is not in FIELDS")
+    ranges = parse_ranges(DEFAULT_RANGES) | own_ranges
+
+    log_level = (env.get("LOG_LEVEL", "").strip() or "INFO").upper()
+    if log_level not in LOG_LEVELS:
+        raise SettingsError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
+    influx_host = env.get("INFLUX_HOST", "").strip()
+    if influx_host and not INFLUX_URL.fullmatch(influx_host):
+        raise SettingsError("INFLUX_HOST must be a URL with its port, like http://127.0.0.1:8181")
 
     zone_name = env.get("TIMEZONE", "").strip() or "UTC"
     try:
@@ -211,7 +238,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
     api_keys = split_list(env.get("API_KEY", ""))
     return Settings(
         host=env.get("HOST", "").strip() or "0.0.0.0",
-        port=read_int(env, "PORT", 8000),
+        port=read_int(env, "PORT", 8000, maximum=65535),
         sqlite_path=Path(env.get("SQLITE_PATH", "").strip() or "sensorflow.db"),
         api_keys=api_keys,
         ws_keys=split_list(env.get("API_KEY_WS", "")) or api_keys,
@@ -222,13 +249,13 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         max_ws_per_key=read_int(env, "MAX_WS_CONNECTIONS_PER_KEY", 10),
         ws_queue_size=read_int(env, "WS_QUEUE_SIZE", 1000),
         timezone=zone,
-        log_level=(env.get("LOG_LEVEL", "").strip() or "INFO").upper(),
+        log_level=log_level,
         rate_limit=parse_rate(env.get("RATE_LIMIT", "")),
         trusted_proxies=parse_networks(env.get("FORWARDED_ALLOW_IPS", "")),
         request_timeout=read_int(env, "REQUEST_TIMEOUT", 10),
         cors_origins=split_list(env.get("CORS_ORIGINS", "")),
-        metrics_public=env.get("METRICS_PUBLIC", "").strip().lower() in ("1", "true", "yes"),
-        influx_host=env.get("INFLUX_HOST", "").strip(),
+        metrics_public=read_bool(env, "METRICS_PUBLIC"),
+        influx_host=influx_host,
         influx_token=env.get("INFLUX_TOKEN", "").strip(),
         influx_database=env.get("INFLUX_DATABASE", "").strip() or "sensorflow",
         influx_measurement=env.get("INFLUX_MEASUREMENT", "").strip() or "sensor_readings",
@@ -245,7 +272,7 @@ def ensure_api_key(settings: Settings) -> Settings:
         key = key_path.read_text().strip()
         log.info("using the API key saved in %s", key_path)
     else:
-        key = secrets.token_urlsafe(32)
+        key = secrets.token_hex(24)  # hex: safe in any shell, URL or header
         key_path.parent.mkdir(parents=True, exist_ok=True)
         descriptor = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(descriptor, "w") as handle:
@@ -296,7 +323,8 @@ REJECT_REASONS = {
 # --- Readings ------------------------------------------------------------------------------
 
 SENSOR_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-PLAIN_DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)")
+ONLY_DOTS = re.compile(r"\.+$")  # "." and ".." cannot be written in a URL path
+PLAIN_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)")
 EARLIEST_DEVICE_MS = 1_577_836_800_000  # 2020-01-01T00:00:00Z: before it, the clock is unset
 FUTURE_SLACK_MS = 5 * 60 * 1000
 MILLISECONDS_FROM = 100_000_000_000  # a larger epoch number is in milliseconds, not seconds
@@ -382,7 +410,7 @@ def parse_number(field: str, value: object, bounds: FieldRange | None) -> float:
         raise ReadingError(field, f"{field} must be a finite number")
     if bounds is not None and not bounds.holds(number):
         raise ReadingError(field, f"{field} {number:g} is out of range ({bounds.describe()})")
-    return number
+    return number + 0.0  # turns -0.0 into 0.0
 
 
 def parse_time(name: str, value: object) -> int:
@@ -401,7 +429,7 @@ def parse_time(name: str, value: object) -> int:
             if moment.tzinfo is None:
                 raise ReadingError(name, f"{name} needs a time zone offset, such as Z")
             return round(moment.timestamp() * 1000)
-    if not math.isfinite(value) or abs(value) > 1e15:
+    if not abs(value) <= 1e15:  # also refuses NaN, and integers too large for a float
         raise ReadingError(name, f"{name} is not a usable epoch time")
     return round(value if abs(value) >= MILLISECONDS_FROM else value * 1000)
 
@@ -413,7 +441,11 @@ def parse_reading(data: object, settings: Settings, client_ip: str, now_ms: int)
     sensor_id = data.get("sensor_id")
     if sensor_id is None or sensor_id == "":
         raise ReadingError("sensor_id", "sensor_id is missing")
-    if not isinstance(sensor_id, str) or not SENSOR_ID.fullmatch(sensor_id):
+    if (
+        not isinstance(sensor_id, str)
+        or not SENSOR_ID.fullmatch(sensor_id)
+        or ONLY_DOTS.match(sensor_id)
+    ):
         raise ReadingError("sensor_id", "sensor_id must be 1-64 letters, digits or _ - . :")
 
     values = {}
@@ -492,6 +524,11 @@ class SQLiteStore:
         connection.execute("PRAGMA busy_timeout=5000")
         return connection
 
+    def connect_reader(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        connection.execute("PRAGMA query_only=1")
+        return connection
+
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.writer = self.connect()
@@ -517,7 +554,7 @@ class SQLiteStore:
         ):
             self.sensor_fields[sensor_id] = set(filter(None, fields.split(",")))
             self.last_server_ms[sensor_id] = last_server_ms or 0
-        self.reader = self.connect()
+        self.reader = self.connect_reader()
 
     def close(self) -> None:
         for connection in (self.writer, self.reader):
@@ -691,15 +728,21 @@ class SQLiteStore:
         """The sensor's readings in [start, end], in chunks so an export never sits in memory."""
         order = "DESC" if descending else "ASC"
         pending = PENDING if pending_only else ""
-        cursor = self.reader.execute(
+        # A connection of its own: a long or abandoned export must not freeze what other
+        # reads see at the moment it started.
+        connection = self.connect_reader()
+        cursor = connection.execute(
             self.select(
                 f"WHERE sensor_id = ? AND ts_ms BETWEEN ? AND ? {pending} ORDER BY ts_ms {order}"
                 " LIMIT ?"
             ),
             (sensor_id, start_ms, end_ms, limit),
         )
-        while rows := cursor.fetchmany(HISTORY_CHUNK):
-            yield [self.reading(row) for row in rows]
+        try:
+            while rows := cursor.fetchmany(HISTORY_CHUNK):
+                yield [self.reading(row) for row in rows]
+        finally:
+            connection.close()
 
     def buckets(
         self,
@@ -716,14 +759,18 @@ class SQLiteStore:
         stats = ", ".join(f'count("{n}"), sum("{n}"), min("{n}"), max("{n}")' for n in self.fields)
         order = "DESC" if descending else "ASC"
         pending = PENDING if pending_only else ""
-        cursor = self.reader.execute(
+        connection = self.connect_reader()
+        cursor = connection.execute(
             f"SELECT ts_ms / ? * ? AS bucket, count(*), {stats} FROM readings"
             f" WHERE sensor_id = ? AND ts_ms BETWEEN ? AND ? {pending}"
             f" GROUP BY bucket ORDER BY bucket {order} LIMIT ?",
             (every_ms, every_ms, sensor_id, start_ms, end_ms, limit),
         )
-        while rows := cursor.fetchmany(HISTORY_CHUNK):
-            yield rows
+        try:
+            while rows := cursor.fetchmany(HISTORY_CHUNK):
+                yield rows
+        finally:
+            connection.close()
 
     def sensors(self) -> list[tuple[str, int, int, int, list[str], Reading | None]]:
         rows = self.reader.execute(
@@ -805,6 +852,7 @@ def describe_store_error(error: sqlite3.Error) -> str:
 DELIVERY_BATCH = 5000
 BACKOFF_SECONDS = (0.5, 1, 2, 5, 10)
 RESEND_WINDOW_MS = 24 * 3600 * 1000  # delivered readings kept locally to spot a resend
+INFLUX_TIME_LIMIT_MS = (2**63 - 1) // 1_000_000  # InfluxDB times are int64 nanoseconds
 
 
 class InfluxStore:
@@ -956,10 +1004,11 @@ class InfluxStore:
         return self.or_local(self.latest_merged, self.local.latest, sensor_id)
 
     def history(self, *args) -> Iterator[list[Reading]]:
-        return self.or_local(chunked_merge(self.history_merged), self.local.history, *args)
+        # A generator, so the query runs on the reader thread when the first chunk is asked for.
+        yield from self.or_local(chunked_merge(self.history_merged), self.local.history, *args)
 
     def buckets(self, *args) -> Iterator[list[tuple]]:
-        return self.or_local(chunked_merge(self.buckets_merged), self.local.buckets, *args)
+        yield from self.or_local(chunked_merge(self.buckets_merged), self.local.buckets, *args)
 
     def sensors(self) -> list[tuple[str, int, int, int, list[str], Reading | None]]:
         return self.or_local(self.sensors_merged, self.local.sensors)
@@ -994,8 +1043,8 @@ class InfluxStore:
             " AND time >= to_timestamp_millis($start) AND time <= to_timestamp_millis($end)"
             f" ORDER BY time {order} LIMIT $limit",
             sensor=sensor_id,
-            start=start_ms,
-            end=end_ms,
+            start=max(start_ms, -INFLUX_TIME_LIMIT_MS),
+            end=min(end_ms, INFLUX_TIME_LIMIT_MS),
             limit=limit,
         )
         stored = [self.reading(row) for row in rows]
@@ -1028,8 +1077,8 @@ class InfluxStore:
                 " AND time >= to_timestamp_millis($start) AND time <= to_timestamp_millis($end)"
                 " GROUP BY CAST(time AS BIGINT) / 1000000 / $every * $every",
                 sensor=sensor_id,
-                start=start_ms,
-                end=end_ms,
+                start=max(start_ms, -INFLUX_TIME_LIMIT_MS),
+                end=min(end_ms, INFLUX_TIME_LIMIT_MS),
                 every=every_ms,
             )
             if columns
@@ -1263,6 +1312,7 @@ class Subscribers:
 JSON_TYPES = {"", "application/json", "text/plain"}
 FORM_TYPE = "application/x-www-form-urlencoded"
 MAX_HISTORY_LIMIT = 100_000
+YEAR_10000_MS = 253_402_300_800_000
 DEFAULT_HISTORY_MS = 24 * 3600 * 1000
 EVERY = re.compile(r"([1-9]\d{0,5})(s|m|h|d)")
 UNIT_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
@@ -1392,12 +1442,16 @@ def decode_json(body: bytes) -> object:
         return json.loads(body)
     except (UnicodeDecodeError, ValueError) as error:
         raise ApiError(400, "malformed JSON", str(error)[:120]) from None
+    except RecursionError:
+        raise ApiError(400, "malformed JSON", "nested too deeply") from None
 
 
 async def read_payload(request: Request) -> object:
     kind = media_type(request)
     if kind not in JSON_TYPES and kind != FORM_TYPE:
-        raise ApiError(415, "unsupported content type", f"send application/json or {FORM_TYPE}")
+        raise ApiError(
+            415, "unsupported content type", f"send application/json, text/plain or {FORM_TYPE}"
+        )
     body = await read_body(request, request.app.state.settings)
     # Many HTTP clients (curl -d, some board libraries) label a JSON body as a form.
     if kind != FORM_TYPE or body.lstrip()[:1] in (b"{", b"["):
@@ -1463,7 +1517,8 @@ async def post_batch(request: Request) -> Response:
         except ReadingError as error:
             problems.append({"index": index, "field": error.field, "message": error.message})
     if problems:
-        raise ApiError(422, f"{len(problems)} invalid readings, none stored", problems[:20])
+        # The first few are enough to fix the firmware, and keep the answer under 1 KB.
+        raise ApiError(422, f"{len(problems)} invalid readings, none stored", problems[:8])
 
     result = await commit(request, readings)
 
@@ -1501,13 +1556,16 @@ def query_time(request: Request, name: str, default: int) -> int:
     if text is None or text == "":
         return default
     try:
-        return parse_time(name, text)
+        moment = parse_time(name, text)
     except ReadingError as error:
         raise ApiError(
             422,
             f"bad {name}: use RFC 3339 or epoch seconds",
             {"parameter": name, "message": error.message},
         ) from None
+    if not 0 <= moment < YEAR_10000_MS:
+        raise ApiError(422, f"bad {name}: a time from 1970 to 9999", {"parameter": name})
+    return moment
 
 
 def query_choice(request: Request, name: str, choices: tuple[str, ...], default: str) -> str:
@@ -1519,7 +1577,7 @@ def query_choice(request: Request, name: str, choices: tuple[str, ...], default:
 
 def query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
     text = request.query_params.get(name) or str(default)
-    if not text.isdigit() or not low <= int(text) <= high:
+    if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
         raise ApiError(422, f"bad {name}: a whole number from {low} to {high}", {"parameter": name})
     return int(text)
 
@@ -1571,7 +1629,8 @@ async def history(request: Request) -> Response:
     rows = stream_rows(request, chunks, to_row)
 
     if kind == "csv":
-        filename = f"{sensor_id}_{'buckets' if every_ms else 'readings'}.csv"
+        safe_name = re.sub(r"[^A-Za-z0-9_.:-]", "_", sensor_id)[:64]
+        filename = f"{safe_name}_{'buckets' if every_ms else 'readings'}.csv"
         return StreamingResponse(
             csv_lines(header, rows),
             media_type="text/csv; charset=utf-8",
@@ -1776,6 +1835,249 @@ async def dashboard(request: Request) -> Response:
     return FileResponse(HERE / "dashboard.html", headers=headers, media_type="text/html")
 
 
+# --- API description (OpenAPI 3.1 at /openapi.json, readable at /docs) ---------------------
+
+SENSOR_ID_PATTERN = "^[A-Za-z0-9_.:-]{1,64}$"
+DECIMAL_PATTERN = rf"^\s*{PLAIN_DECIMAL.pattern}\s*$"
+EPOCH_PATTERN = r"^\s*[+-]?0*(?:\d{1,15}(?:\.\d*)?|\.\d+)\s*$"  # what parse_time takes as epoch
+TIMESTAMP = {"type": "string", "format": "date-time"}
+COUNT = {"type": "integer", "minimum": 0}
+TEXT = {"type": "string"}
+OBJECT = {"type": "object"}
+ERRORS = {
+    400: "malformed JSON or form, or a body of the wrong shape",
+    401: "missing or wrong API key",
+    404: "no reading from this sensor",
+    408: "the body did not arrive within REQUEST_TIMEOUT",
+    413: "body over MAX_BODY_BYTES, or a batch over MAX_BATCH readings",
+    415: "a content type other than JSON or form",
+    422: "invalid: detail names the field, the readings or the query parameter",
+    429: "too many requests (RATE_LIMIT); the Retry-After header says when to retry",
+    503: "the store cannot write; nothing was stored",
+}
+NEW_READING = (
+    "Unknown keys are ignored. A timestamp before 2020 or more than 5 minutes ahead is replaced"
+    " by the server's clock."
+)
+API_DESCRIPTION = """Boards post readings with an API key in the `X-API-Key` header.
+
+Live updates (a WebSocket, which OpenAPI cannot describe as an operation): connect to
+`/ws/sensor_updates?api-key=KEY`, or send the key in `X-API-Key`; add `&sensor_id=ID` to
+follow one sensor. Every stored reading then arrives as one JSON text message shaped like
+`Reading`. The server closes the socket with code 1008 for a wrong key, for more than
+MAX_WS_CONNECTIONS_PER_KEY connections with one key and for a client that falls behind, and
+with code 1013 when the address is over RATE_LIMIT."""
+
+
+def ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def array(items: dict, **limits) -> dict:
+    return {"type": "array", "items": items, **limits}
+
+
+def closed(properties: dict, optional: Iterable[str] = (), **extra) -> dict:
+    """A JSON object with exactly these properties, all required except the `optional` ones."""
+    required = [name for name in properties if name not in optional]
+    schema = {"type": "object", "properties": properties, "required": required, **extra}
+    return schema | {"additionalProperties": False}
+
+
+def answer(description: str, schema: dict = TEXT, media: str = "application/json") -> dict:
+    return {"description": description, "content": {media: {"schema": schema}}}
+
+
+def operation(method: str, summary: str, ok: dict, errors=(), key=True, **extra) -> dict:
+    """One method of a path: its successful answers, then the errors it can give."""
+    responses = {**ok}
+    for status in (*errors, 401, 429) if key else errors:
+        responses[str(status)] = answer(ERRORS[status], ref("Error"))
+    if key:
+        retry = {"required": True, "schema": {"type": "integer", "minimum": 1}}
+        responses["429"]["headers"] = {"Retry-After": retry}
+    public = {} if key else {"security": []}
+    return {method: {"summary": summary, **extra, "responses": responses} | public}
+
+
+def query(name: str, description: str, schema: dict) -> dict:
+    return {"name": name, "in": "query", "description": description, "schema": schema}
+
+
+def field_value(settings: Settings, name: str) -> dict:
+    """A JSON number within the field's range, or a plain decimal string (checked on arrival)."""
+    number = {"type": "number"}
+    bounds = settings.ranges.get(name)
+    if bounds is not None:
+        number["minimum" if bounds.low_inclusive else "exclusiveMinimum"] = bounds.low
+        number["maximum"] = bounds.high
+    return {"anyOf": [number, {"type": "string", "pattern": DECIMAL_PATTERN}]}
+
+
+def component_schemas(settings: Settings) -> dict:
+    fields = settings.fields
+    epoch = {"type": "number", "minimum": -1e15, "maximum": 1e15}
+    device_time = [TIMESTAMP, epoch, {"type": "string", "pattern": EPOCH_PATTERN}, {"type": "null"}]
+    sensor_id = {"type": "string", "pattern": SENSOR_ID_PATTERN}
+    new_reading = {
+        "sensor_id": sensor_id,
+        **{name: field_value(settings, name) for name in fields},
+        "timestamp": {"anyOf": device_time},
+    }
+    reading = {
+        "id": {"type": "integer", "minimum": 1},
+        "sensor_id": sensor_id,
+        **{name: {"type": "number"} for name in fields},
+        "timestamp": TIMESTAMP,
+        "date_recorded": {"type": "string", "format": "date"},
+        "time_recorded": {"type": "string", "pattern": "^[0-9]{2}:[0-9]{2}:[0-9]{2}$"},
+        "clock": {"enum": ["device", "server"]},
+        "client_ip": TEXT,
+    }
+    window = {"sensor_id": TEXT, "start": TEXT, "end": TEXT}
+    statistics = {f"^({'|'.join(fields)})_(min|mean|max)$": {"type": "number"}}
+    bucket = closed({"time": TIMESTAMP, "count": COUNT}, patternProperties=statistics)
+    clocks = closed({"device": COUNT, "server": COUNT})
+    latest = {"anyOf": [ref("Reading"), {"type": "null"}]}
+    return {
+        "Error": closed({"error": TEXT, "detail": {}}),
+        "NewReading": {
+            "type": "object",
+            "description": NEW_READING,
+            "properties": new_reading,
+            "required": ["sensor_id"],
+            "anyOf": [{"required": [name]} for name in fields],  # at least one field
+        },
+        "Reading": closed(reading, optional=fields),
+        "BatchResult": closed({"stored": COUNT, "duplicates": COUNT, "clock": clocks}),
+        "History": closed({**window, "count": COUNT, "readings": array(ref("Reading"))}),
+        "Buckets": closed({**window, "every": TEXT, "count": COUNT, "buckets": array(bucket)}),
+        "Sensor": closed(
+            {"sensor_id": TEXT, "first_seen": TIMESTAMP, "last_seen": TIMESTAMP, "count": COUNT}
+            | {"fields": array(TEXT), "silent": {"type": "boolean"}, "latest": latest}
+        ),
+        "Health": closed(
+            {"status": {"enum": ["healthy", "degraded"]}, "version": TEXT, "timestamp": TIMESTAMP}
+            | {"uptime_seconds": {"type": "number", "minimum": 0}, "subscribers": COUNT}
+            | {"store": OBJECT | {"required": ["kind", "writable"]}}
+        ),
+    }
+
+
+def openapi_document(settings: Settings) -> dict:
+    """This server's HTTP API as OpenAPI 3.1, with the configured fields, ranges and limits."""
+    # `.` and `..` are valid sensor ids, but reach the server only written as %2E: clients
+    # otherwise take them for directory steps.
+    sensor_path = {"type": "string", "pattern": SENSOR_ID_PATTERN, "not": {"enum": [".", ".."]}}
+    sensor = {"name": "sensor_id", "in": "path", "required": True, "schema": sensor_path}
+    new_reading = {"schema": ref("NewReading")}
+    one = {"application/json": new_reading, "application/x-www-form-urlencoded": new_reading}
+    batch = array(ref("NewReading"), minItems=1, maxItems=settings.max_batch)
+    wrapped = {"type": "object", "properties": {"readings": batch}, "required": ["readings"]}
+    many = {"application/json": {"schema": {"anyOf": [batch, wrapped]}}}
+    reading = answer("the stored reading", ref("Reading"))
+    batch_result = answer("how many were stored, how many were duplicates", ref("BatchResult"))
+    history = answer("readings; buckets with `every`", {"anyOf": [ref("History"), ref("Buckets")]})
+    history["content"]["text/csv"] = {"schema": TEXT}
+    when = {"anyOf": [TIMESTAMP, {"type": "string", "pattern": EPOCH_PATTERN}, {"const": ""}]}
+    limit = {"type": "integer", "minimum": 1, "maximum": MAX_HISTORY_LIMIT, "default": 1000}
+    every = {"type": "string", "pattern": "^([1-9][0-9]{0,5}[smhd])?$"}
+    silent_after = {"type": "integer", "minimum": 1, "maximum": 10 * 365 * 86400, "default": 600}
+    sensors = closed({"sensors": array(ref("Sensor")), "silent_after": {"type": "integer"}})
+    health = answer("healthy, or degraded but storing", ref("Health"))
+    page = answer("an HTML page", media="text/html")
+    ingest_errors = (400, 408, 413, 415, 422, 503)
+    paths = {
+        "/api/v1/temperature_reading": operation(
+            "post",
+            "Store one reading (200 with the stored one when it is a duplicate)",
+            {"201": reading, "200": reading},
+            ingest_errors,
+            requestBody={"required": True, "content": one},
+        ),
+        "/api/v1/readings": operation(
+            "post",
+            "Store a batch of readings: all of them or none (200 when all are duplicates)",
+            {"201": batch_result, "200": batch_result},
+            ingest_errors,
+            requestBody={"required": True, "content": many},
+        ),
+        "/api/v1/sensor/{sensor_id}/latest": operation(
+            "get", "The sensor's latest reading", {"200": reading}, (404,), parameters=[sensor]
+        ),
+        "/api/v1/sensor/{sensor_id}/readings": operation(
+            "get",
+            "History as JSON, or CSV (format=csv or Accept: text/csv), raw or in time buckets",
+            {"200": history},
+            (422,),
+            parameters=[
+                sensor,
+                query("start", "RFC 3339 or epoch seconds; default: 24 hours ago", when),
+                query("end", "RFC 3339 or epoch seconds; default: 5 minutes ahead", when),
+                query("limit", "at most this many rows", limit),
+                query("order", "by time", {"enum": ["asc", "desc"], "default": "asc"}),
+                query("format", "of the answer", {"enum": ["json", "csv"], "default": "json"}),
+                query("every", "bucket length, such as 30s, 15m, 1h or 1d", every),
+            ],
+        ),
+        "/api/v1/sensors": operation(
+            "get",
+            "Every sensor, with silent ones marked",
+            {"200": answer("the sensors", sensors)},
+            (422,),
+            parameters=[query("silent_after", "seconds without a reading", silent_after)],
+        ),
+        "/api/v1/health": operation(
+            "get",
+            "State of the server and its store, without a key",
+            {"200": health, "503": answer("no reading can be stored", ref("Health"))},
+            key=False,
+        ),
+        "/api/v1/ping": operation(
+            "get",
+            "Liveness",
+            {"200": answer("alive", closed({"status": {"const": "ok"}}))},
+            key=False,
+        ),
+        "/metrics": operation(
+            "get",
+            "Prometheus metrics (without a key when METRICS_PUBLIC is set)",
+            {"200": answer("Prometheus text format", media="text/plain")},
+            key=not settings.metrics_public,
+        ),
+        "/": operation("get", "The dashboard", {"200": page}, key=False),
+        "/openapi.json": operation(
+            "get", "This description", {"200": answer("OpenAPI 3.1", OBJECT)}, key=False
+        ),
+        "/docs": operation("get", "This description as a page", {"200": page}, key=False),
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "SensorFlow Server", "version": VERSION, "description": API_DESCRIPTION},
+        "paths": paths,
+        "components": {
+            "schemas": component_schemas(settings),
+            "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}},
+        },
+        "security": [{"apiKey": []}],
+    }
+
+
+# The page loads nothing from elsewhere; this policy has the browser hold it to that.
+DOCS_POLICY = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"
+)
+
+
+async def openapi_json(request: Request) -> Response:
+    return JSONResponse(openapi_document(request.app.state.settings))
+
+
+async def docs(request: Request) -> Response:
+    headers = {"Content-Security-Policy": DOCS_POLICY}
+    return FileResponse(HERE / "docs.html", media_type="text/html", headers=headers)
+
+
 # --- App assembly ---------------------------------------------------------------------------
 
 INGEST_PATHS = {"/api/v1/temperature_reading", "/api/v1/readings"}
@@ -1835,12 +2137,21 @@ class RequestLog:
                 log.info(
                     "%s %s %d %.1fms sensor=%s client=%s",
                     scope["method"],
-                    scope["path"],
+                    printable(scope["path"]),
                     status,
                     seconds * 1000,
-                    state.get("sensor") or "-",
+                    printable(state.get("sensor") or "-"),
                     state["client_ip"] or "-",
                 )
+
+
+def printable(text: str) -> str:
+    """What a client sent, made safe to log: no line breaks or control characters to forge
+    log lines with, and not too long."""
+    return UNPRINTABLE.sub("?", text[:120])
+
+
+UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 
 
 def build_app(settings: Settings) -> Starlette:
@@ -1865,7 +2176,8 @@ def build_app(settings: Settings) -> Starlette:
         delivery = None
         if isinstance(store, InfluxStore):
             delivery = asyncio.create_task(deliver_forever(store, app.state.writer.committed))
-        shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+        everywhere = settings.host in ("0.0.0.0", "::")
+        shown_host = "<this machine's address>" if everywhere else settings.host
         if isinstance(store, InfluxStore):
             log.info("SensorFlow %s storing readings in InfluxDB database %s at %s, spooled in %s",
                      VERSION, settings.influx_database, settings.influx_host,
@@ -1899,6 +2211,8 @@ def build_app(settings: Settings) -> Starlette:
         Route("/api/v1/health", health),
         Route("/api/v1/ping", ping),
         Route("/metrics", metrics),
+        Route("/openapi.json", openapi_json),
+        Route("/docs", docs),
         Route("/", dashboard),
     ]
     middleware = []
@@ -1921,14 +2235,23 @@ def build_app(settings: Settings) -> Starlette:
     return RequestLog(app, settings.trusted_proxies)
 
 
+MAX_HEADER_BYTES = 64 * 1024
+HEADERS_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+    b"connection: close\r\ncontent-length: 59\r\n\r\n"
+    b'{"error":"request headers too large","detail":"max 64 KiB"}'
+)
+
+
 def header_timeout_protocol(timeout: float):
-    """uvicorn's httptools protocol, plus a deadline for request headers: a client that
-    connects and then trickles (or never sends) its headers is dropped, so idle connections
-    cannot pile up."""
+    """uvicorn's httptools protocol, plus limits on request headers: a client that connects and
+    then trickles (or never sends) its headers is dropped, so idle connections cannot pile up,
+    and headers past 64 KiB are refused before the parser spends time on them."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class HeaderDeadlineProtocol(HttpToolsProtocol):
         deadline = None
+        header_bytes = 0
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -1937,6 +2260,16 @@ def header_timeout_protocol(timeout: float):
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self.start_deadline()
+
+        def data_received(self, data: bytes) -> None:
+            reading_headers = self.deadline is not None
+            super().data_received(data)
+            if reading_headers and self.deadline is not None:  # the headers are still coming
+                self.header_bytes += len(data)
+                if self.header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
+                    self.stop_deadline()
+                    self.transport.write(HEADERS_TOO_LARGE)
+                    self.transport.close()
 
         def on_headers_complete(self) -> None:
             self.stop_deadline()
@@ -1948,6 +2281,7 @@ def header_timeout_protocol(timeout: float):
 
         def start_deadline(self) -> None:
             self.stop_deadline()
+            self.header_bytes = 0
             self.deadline = self.loop.call_later(timeout, self.headers_too_slow)
 
         def stop_deadline(self) -> None:
@@ -1964,6 +2298,20 @@ def header_timeout_protocol(timeout: float):
     return HeaderDeadlineProtocol
 
 
+def websocket_protocol():
+    """uvicorn's WebSocket protocol, made to cut off a client that stopped reading: closing a
+    connection waits for the peer to take what is buffered, which a stalled one never does."""
+    from uvicorn.protocols.websockets.websockets_impl import WebSocketProtocol
+
+    class CuttingWebSocketProtocol(WebSocketProtocol):
+        async def run_asgi(self) -> None:
+            await super().run_asgi()
+            self.loop.call_later(CLOSE_GRACE_SECONDS, self.transport.abort)
+
+    return CuttingWebSocketProtocol
+
+
+CLOSE_GRACE_SECONDS = 2
 SOCKET_SEND_BUFFER = 128 * 1024
 
 
@@ -1974,6 +2322,30 @@ def listening_socket(host: str, port: int) -> socket.socket:
     sock = socket.create_server((host, port), family=family, backlog=2048)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_SEND_BUFFER)
     return sock
+
+
+class HideKeys(logging.Filter):
+    """uvicorn logs each WebSocket's path with its query string: hide the key in it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "api-key=" in message.lower():
+            record.msg, record.args = KEY_IN_QUERY.sub(r"\1[hidden]", message), ()
+        return True
+
+
+KEY_IN_QUERY = re.compile(r"(api-key=)[^&\s\"']*", re.IGNORECASE)
+
+
+def lock_database(path: Path):
+    """One server per database: a second one would hand out the same reading ids."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(path.with_name(path.name + ".lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise OSError("another SensorFlow server is using it") from None
+    return lock
 
 
 def raise_open_file_limit() -> None:
@@ -1993,11 +2365,24 @@ def main() -> None:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("uvicorn.error").addFilter(HideKeys())
+    try:
+        lock = lock_database(settings.sqlite_path)
+        check = SQLiteStore(
+            settings.sqlite_path, settings.fields, outbox=bool(settings.influx_host)
+        )
+        check.open()
+        check.close()
+    except (OSError, sqlite3.Error) as error:
+        sys.exit(f"SensorFlow cannot use the database {settings.sqlite_path}: {error}")
     settings = ensure_api_key(settings)
     raise_open_file_limit()
     config = uvicorn.Config(
         build_app(settings),
         http=header_timeout_protocol(settings.request_timeout),
+        ws=websocket_protocol(),
+        timeout_graceful_shutdown=10,  # a client holding an export open cannot stall a restart
+        log_config=None,  # our logging set-up above, with keys hidden
         log_level=settings.log_level.lower(),
         access_log=False,
         server_header=False,
@@ -2008,6 +2393,7 @@ def main() -> None:
     except OSError as error:
         sys.exit(f"SensorFlow cannot listen on {settings.host}:{settings.port}: {error}")
     uvicorn.Server(config).run(sockets=[sock])
+    lock.close()
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from dotenv import load_dotenv
 
-DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_URL = f"http://127.0.0.1:{os.environ.get('PORT') or 8000}"  # the server's own PORT
 READING_PATH = "/api/v1/temperature_reading"
 BATCH_PATH = "/api/v1/readings"
 TIMEOUT_SECONDS = 10
@@ -321,6 +321,8 @@ def report_round(round_number: int, link_up: bool, tally: Tally, boards: list[Bo
     )
     if tally.refused[401]:
         print("the server refused the API key (401): check --key or API_KEY", flush=True)
+    if link_up and tally.errors and not (tally.stored or tally.duplicates):
+        print("no answer from the server: is it running at that address? (see --url)", flush=True)
 
 
 def report_total(total: Tally, rounds: int, sensors: int) -> None:

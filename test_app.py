@@ -209,7 +209,7 @@ def test_without_a_key_setting_a_key_is_generated_saved_and_reused(make_server, 
     server.stop()
     again = make_server(API_KEY="", API_KEY_WS="")
 
-    assert len(key) >= 32
+    assert re.fullmatch(r"[0-9a-f]{48}", key)
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert open_attempt.status_code == 401 and with_key.status_code == 201
     assert post_reading(again, {"sensor_id": "g", "temperature": 2}, key=key).status_code == 201
@@ -221,9 +221,15 @@ def test_key_never_appears_in_the_log(make_server):
 
     post_reading(server, {"sensor_id": "log-1", "temperature": 20})
     post_reading(server, {"sensor_id": "log-1", "temperature": 20}, key="wrong-key-xyz")
+    with subscribe(server):
+        pass
+    with subscribe(server, key="wrong-ws-key-xyz"):
+        pass
     server.stop()
 
     text = server.log()
+    assert "WebSocket /ws/sensor_updates?api-key=[hidden]" in text
+    assert WS_KEY not in text and "wrong-ws-key-xyz" not in text
     assert "POST /api/v1/temperature_reading 201" in text
     assert "sensor=log-1" in text and "client=127.0.0.1" in text
     assert API_KEY not in text and "wrong-key-xyz" not in text
@@ -254,6 +260,8 @@ def test_key_never_appears_in_the_log(make_server):
         (b'{"sensor_id": "s1", "temperature": "20C"}', "temperature"),
         (b'{"sensor_id": "s1", "temperature": "0x14"}', "temperature"),
         (b'{"sensor_id": "s1", "temperature": "1_000"}', "temperature"),
+        ('{"sensor_id": "s1", "temperature": "\u0661\u0662"}'.encode(), "temperature"),
+        (b'{"sensor_id": "..", "temperature": 20}', "sensor_id"),
         (b'{"sensor_id": "s1", "temperature": ""}', "temperature"),
         (b'{"sensor_id": "s1", "temperature": -999}', "temperature"),
         (b'{"sensor_id": "s1", "temperature": 1500.1}', "temperature"),
@@ -353,13 +361,30 @@ def test_fields_and_ranges_are_settings(make_server):
     assert too_high.status_code == 422 and too_high.json()["detail"]["field"] == "co2"
 
 
-def test_bad_setting_stops_the_server_with_a_clear_message(tmp_path):
-    server = Server(tmp_path, FIELDS="temperature,Bad Name")
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("FIELDS", "temperature,Bad Name"),
+        ("FIELDS", "temperature,id"),
+        ("FIELD_RANGES", "co2:0:5000"),
+        ("FIELD_RANGES", "temperature:50:10"),
+        ("PORT", "70000"),
+        ("LOG_LEVEL", "verbose"),
+        ("TIMEZONE", "Mars/Olympus"),
+        ("RATE_LIMIT", "lots"),
+        ("METRICS_PUBLIC", "maybe"),
+        ("INFLUX_HOST", "localhost:8181"),
+        ("FORWARDED_ALLOW_IPS", "not-an-address"),
+    ],
+)
+def test_bad_setting_stops_the_server_with_a_clear_message(tmp_path, name, value):
+    server = Server(tmp_path, **{name: value})
 
     with pytest.raises(RuntimeError) as failure:
         server.start(timeout=10)
 
-    assert "FIELDS" in str(failure.value)
+    assert f"SensorFlow cannot start: {name}" in str(failure.value)
+    assert "Traceback" not in str(failure.value)
 
 
 # --- Timestamps and durability ---------------------------------------------------------------
@@ -544,13 +569,28 @@ def test_stalled_subscriber_is_dropped_and_others_get_everything_in_order(make_s
     for thread in listeners:
         thread.join(timeout=60)
     health = server.get("/api/v1/health").json()
-    stalled.close()
 
     assert len(posted) == 10_000
     for ids in received:
         assert ids == sorted(posted)
     assert health["subscribers"] == 0
     assert "dropped a subscriber" in server.log()
+    assert connection_ends(stalled, within=15)
+
+
+def connection_ends(sock: socket.socket, within: float) -> bool:
+    """Read (and discard) until the server closes or resets the connection."""
+    sock.settimeout(within)
+    deadline = time.monotonic() + within
+    try:
+        while time.monotonic() < deadline:
+            if not sock.recv(65536):
+                return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return False
 
 
 # --- Batches, device time, retries ------------------------------------------------------------
@@ -771,6 +811,8 @@ def test_history_defaults_to_the_last_24_hours_and_1000_rows(big_server):
         ({"every": "0m"}, "every"),
         ({"format": "xml"}, "format"),
         ({"order": "random"}, "order"),
+        ({"start": "0001-01-01T00:00:00+14:00"}, "start"),
+        ({"limit": "\u00b2"}, "limit"),
     ],
 )
 def test_bad_history_parameter_is_refused_with_422_naming_it(server, params, name):
@@ -901,9 +943,9 @@ def test_500_idle_connections_do_not_stop_readings(server):
             sock.close()
 
 
-def test_no_cors_headers_unless_origins_are_configured(make_server):
-    plain = make_server()
-    allowed = make_server(CORS_ORIGINS="https://dash.example.org")
+def test_no_cors_headers_unless_origins_are_configured(make_server, tmp_path):
+    plain = make_server(folder=tmp_path / "plain")
+    allowed = make_server(folder=tmp_path / "cors", CORS_ORIGINS="https://dash.example.org")
     preflight = {"Origin": "https://dash.example.org", "Access-Control-Request-Method": "GET",
                  "Access-Control-Request-Headers": "x-api-key"}  # fmt: skip
 
@@ -1036,3 +1078,52 @@ def test_websocket_connects_count_against_the_address_rate_limit(make_server):
             limited.recv(timeout=5)
 
     assert closed.value.rcvd.code == 1013
+
+
+def test_headers_past_64_kib_are_refused_with_431(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /api/v1/ping HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ")
+        try:
+            for _ in range(40):
+                sock.sendall(b"a" * 4096)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer = sock.recv(1024)
+
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"] == "request headers too large"
+
+
+def test_a_second_server_on_the_same_database_refuses_to_start(server):
+    second = Server(server.folder)
+
+    with pytest.raises(RuntimeError) as failure:
+        second.start(timeout=10)
+
+    assert "another SensorFlow server is using it" in str(failure.value)
+
+
+def test_line_breaks_sent_by_a_client_cannot_forge_log_lines(make_server):
+    server = make_server(LOG_LEVEL="INFO")
+
+    post_reading(server, {"sensor_id": "x\n2026-12-04 INFO sensorflow: FORGED", "temperature": 1})
+    requests.get(server.url + "/nothing%0AFORGED-TOO", timeout=5)
+    server.stop()
+
+    assert not any(line.startswith("2026-12-04 INFO sensorflow: FORGED")
+                   for line in server.log().splitlines())  # fmt: skip
+    assert "\nFORGED-TOO" not in server.log()
+
+
+def test_an_abandoned_export_does_not_freeze_what_other_reads_see(big_server):
+    params = {"start": big_server.start_ms / 1000, "limit": 100000, "format": "csv"}
+    export = requests.get(big_server.url + "/api/v1/sensor/big/readings", params=params,
+                          headers={"X-API-Key": API_KEY}, stream=True, timeout=30)  # fmt: skip
+    next(export.iter_content(1024))
+
+    stored = post_reading(big_server, {"sensor_id": "fresh", "temperature": 5})
+    latest = big_server.get("/api/v1/sensor/fresh/latest")
+    export.close()
+
+    assert stored.status_code == 201
+    assert latest.status_code == 200 and latest.json()["id"] == stored.json()["id"]
