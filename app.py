@@ -1258,15 +1258,32 @@ IDLE_CHECK_SECONDS = 60
 
 
 class Subscriber:
-    """One live WebSocket client with a bounded queue of messages waiting to be sent."""
+    """One live WebSocket client with the messages waiting to be sent to it. A plain list and
+    a future made only while waiting keep an idle subscriber small (an asyncio.Queue costs
+    four deques)."""
 
-    __slots__ = ("queue", "sensor_id", "key", "overflowed")
+    __slots__ = ("waiting", "wakeup", "sensor_id", "key", "overflowed", "handler")
 
-    def __init__(self, sensor_id: str | None, key: str, queue_size: int) -> None:
-        self.queue: asyncio.Queue[str] = asyncio.Queue(queue_size)
+    def __init__(self, sensor_id: str | None, key: str) -> None:
+        self.waiting: list[str] = []
+        self.wakeup: asyncio.Future | None = None
         self.sensor_id = sensor_id
         self.key = key
-        self.overflowed = asyncio.Event()
+        self.overflowed = False
+        self.handler: asyncio.Task | None = None  # the task serving this subscriber
+
+    def add(self, message: str) -> None:
+        self.waiting.append(message)
+        if self.wakeup is not None and not self.wakeup.done():
+            self.wakeup.set_result(None)
+
+    async def take(self) -> list[str]:
+        """Every waiting message, waiting for one if there is none."""
+        while not self.waiting:
+            self.wakeup = asyncio.get_running_loop().create_future()
+            await self.wakeup
+        messages, self.waiting = self.waiting, []
+        return messages
 
 
 class Subscribers:
@@ -1281,7 +1298,7 @@ class Subscribers:
     def join(self, key: str, sensor_id: str | None) -> Subscriber | None:
         if self.count_by_key[key] >= self.per_key:
             return None
-        subscriber = Subscriber(sensor_id, key, self.queue_size)
+        subscriber = Subscriber(sensor_id, key)
         self.live.add(subscriber)
         self.count_by_key[key] += 1
         return subscriber
@@ -1298,12 +1315,14 @@ class Subscribers:
         for subscriber in list(self.live):
             if subscriber.sensor_id not in (None, reading.sensor_id):
                 continue
-            try:
-                subscriber.queue.put_nowait(message)
-            except asyncio.QueueFull:
+            if len(subscriber.waiting) < self.queue_size:
+                subscriber.add(message)
+            else:
                 DROPPED.inc()
                 self.leave(subscriber)
-                subscriber.overflowed.set()
+                subscriber.overflowed = True
+                if subscriber.handler is not None:
+                    subscriber.handler.cancel()
                 log.warning("dropped a subscriber that fell %d messages behind", self.queue_size)
 
 
@@ -1747,22 +1766,29 @@ async def live_updates(websocket: WebSocket) -> None:
     if subscriber is None:
         await websocket.close(1008, f"at most {state.settings.max_ws_per_key} connections per key")
         return
+    # Two tasks per subscriber: this one waits for the client to go, the other sends. When
+    # the subscriber overflows, this one is cancelled (see Subscribers.publish).
+    subscriber.handler = asyncio.current_task()
     sender = asyncio.create_task(send_queued(websocket, subscriber))
-    listener = asyncio.create_task(wait_for_close(websocket))
-    overflow = asyncio.create_task(subscriber.overflowed.wait())
     try:
-        await asyncio.wait({sender, listener, overflow}, return_when=asyncio.FIRST_COMPLETED)
+        await wait_for_close(websocket)
+    except asyncio.CancelledError:
+        if not subscriber.overflowed:
+            raise
+        sender.cancel()
+        await close_quietly(websocket, 1008, "too slow: fell behind the live stream")
     finally:
         state.subscribers.leave(subscriber)
-        for task in (sender, listener, overflow):
-            task.cancel()
-    if overflow.done() and not overflow.cancelled():
-        await close_quietly(websocket, 1008, "too slow: fell behind the live stream")
+        sender.cancel()
 
 
 async def send_queued(websocket: WebSocket, subscriber: Subscriber) -> None:
-    while True:
-        await websocket.send_text(await subscriber.queue.get())
+    try:
+        while True:
+            for message in await subscriber.take():
+                await websocket.send_text(message)
+    except (WebSocketDisconnect, RuntimeError, OSError):
+        pass
 
 
 async def wait_for_close(websocket: WebSocket) -> None:
@@ -2301,9 +2327,9 @@ def header_timeout_protocol(timeout: float):
 def websocket_protocol():
     """uvicorn's WebSocket protocol, made to cut off a client that stopped reading: closing a
     connection waits for the peer to take what is buffered, which a stalled one never does."""
-    from uvicorn.protocols.websockets.websockets_impl import WebSocketProtocol
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-    class CuttingWebSocketProtocol(WebSocketProtocol):
+    class CuttingWebSocketProtocol(WebSocketsSansIOProtocol):
         async def run_asgi(self) -> None:
             await super().run_asgi()
             self.loop.call_later(CLOSE_GRACE_SECONDS, self.transport.abort)
