@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import hmac
 import json
 import logging
+import logging.handlers
 import math
 import os
+import queue
 import re
 import resource
 import secrets
@@ -56,7 +59,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -374,17 +377,27 @@ class Reading:
         self.client_ip = client_ip
 
     def as_dict(self, zone: ZoneInfo) -> dict:
-        local = datetime.fromtimestamp(self.ts_ms / 1000, zone)
+        second, milliseconds = divmod(self.ts_ms, 1000)
+        utc, local_date, local_time = second_texts(second, zone)
         return {
             "id": self.id,
             "sensor_id": self.sensor_id,
             **self.values,
-            "timestamp": format_timestamp(self.ts_ms),
-            "date_recorded": local.strftime("%Y-%m-%d"),
-            "time_recorded": local.strftime("%H:%M:%S"),
+            "timestamp": f"{utc}.{milliseconds:03d}Z",
+            "date_recorded": local_date,
+            "time_recorded": local_time,
             "clock": "device" if self.device_clock else "server",
             "client_ip": self.client_ip,
         }
+
+
+@functools.lru_cache(maxsize=4096)
+def second_texts(second: int, zone: ZoneInfo) -> tuple[str, str, str]:
+    """A second as UTC date-time, local date and local time. Readings arrive many per second,
+    so this is worked out once per second, not once per reading."""
+    local = datetime.fromtimestamp(second, zone)
+    utc = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return utc, local.strftime("%Y-%m-%d"), local.strftime("%H:%M:%S")
 
 
 def format_timestamp(ms: int) -> str:
@@ -576,14 +589,17 @@ class SQLiteStore:
             if self.writer is None:
                 self.writer = self.connect()
             self.writer.execute("BEGIN IMMEDIATE")
-            self.writer.executemany(
-                self.insert_sql,
-                rows,
-            )
-            inserted = {
-                row[0]
-                for row in self.writer.execute("SELECT id FROM readings WHERE id >= ?", (first_id,))
-            }
+            changes_before = self.writer.total_changes
+            self.writer.executemany(self.insert_sql, rows)
+            if self.writer.total_changes - changes_before == len(rows):
+                inserted = range(first_id, self.next_id)  # nothing was a duplicate
+            else:
+                inserted = {
+                    row[0]
+                    for row in self.writer.execute(
+                        "SELECT id FROM readings WHERE id >= ?", (first_id,)
+                    )
+                }
             results = [self.sort_out(job, inserted) for job in jobs]
             stored = [reading for result in results for reading in result.stored]
             self.update_sensors(stored)
@@ -612,7 +628,7 @@ class SQLiteStore:
             *[values.get(name) for name in self.fields],
         )
 
-    def sort_out(self, job: list[Reading], inserted: set[int]) -> WriteResult:
+    def sort_out(self, job: list[Reading], inserted: set[int] | range) -> WriteResult:
         """Split a job into stored readings and duplicates of readings already stored."""
         result = WriteResult([], [])
         for reading in job:
@@ -1221,12 +1237,14 @@ class Writer:
                 continue
             COMMIT_SECONDS.observe(time.perf_counter() - started)
             self.committed.set()
+            # Answer the requests first, then tell subscribers, in the order of storing.
             for (_, future), result in zip(jobs, results, strict=True):
                 STORED.inc(len(result.stored))
-                for reading in result.stored:
-                    self.subscribers.publish(reading, self.zone)
                 if not future.done():
                     future.set_result(result)
+            for result in results:
+                for reading in result.stored:
+                    self.subscribers.publish(reading, self.zone)
 
 
 async def deliver_forever(store: InfluxStore, committed: asyncio.Event) -> None:
@@ -1431,24 +1449,21 @@ def client_ip(request: Request) -> str:
 
 
 async def read_body(request: Request, settings: Settings) -> bytes:
-    """The request body, refused with 413 as soon as it is known to be over the limit, and
-    with 408 when it does not arrive within REQUEST_TIMEOUT."""
+    """The request body, refused with 413 as soon as it is known to be over the limit. (A body
+    that does not arrive within REQUEST_TIMEOUT is answered below, see the protocol.)"""
     limit = settings.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, "body too large", f"at most {limit} bytes")
     chunks, size = [], 0
     try:
-        async with asyncio.timeout(settings.request_timeout):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise ApiError(413, "body too large", f"at most {limit} bytes")
-                chunks.append(chunk)
-    except TimeoutError:
-        raise ApiError(
-            408, "body too slow", f"send it within {settings.request_timeout:g} s"
-        ) from None
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, "body too large", f"at most {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:  # for one that was too slow, the protocol has answered 408
+        raise ApiError(408, "body too slow", "the client went away") from None
     return b"".join(chunks)
 
 
@@ -2135,6 +2150,7 @@ class RequestLog:
     def __init__(self, app, trusted: tuple[IPNetwork, ...]) -> None:
         self.app = app
         self.trusted = trusted
+        self.counted: dict[tuple[str, int], tuple] = {}
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
@@ -2156,8 +2172,12 @@ class RequestLog:
         finally:
             seconds = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", "unmatched")
-            REQUESTS.labels(route, status).inc()
-            LATENCY.labels(route).observe(seconds)
+            counted = self.counted.get((route, status))
+            if counted is None:  # looked up once per route and status, not once per request
+                counted = REQUESTS.labels(route, status), LATENCY.labels(route)
+                self.counted[(route, status)] = counted
+            counted[0].inc()
+            counted[1].observe(seconds)
             if log.isEnabledFor(logging.INFO):
                 state = scope["state"]
                 log.info(
@@ -2261,22 +2281,33 @@ def build_app(settings: Settings) -> Starlette:
     return RequestLog(app, settings.trusted_proxies)
 
 
+def raw_error(status: str, error: str, detail: str) -> bytes:
+    """A whole JSON error response, for the few errors sent below the web framework."""
+    body = json.dumps({"error": error, "detail": detail}, separators=(",", ":")).encode()
+    head = f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    return head.encode() + f"content-length: {len(body)}\r\n\r\n".encode() + body
+
+
 MAX_HEADER_BYTES = 64 * 1024
-HEADERS_TOO_LARGE = (
-    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
-    b"connection: close\r\ncontent-length: 59\r\n\r\n"
-    b'{"error":"request headers too large","detail":"max 64 KiB"}'
+HEADERS_TOO_LARGE = raw_error(
+    "431 Request Header Fields Too Large", "request headers too large", "at most 64 KiB"
+)
+BODY_TOO_SLOW = raw_error(
+    "408 Request Timeout", "body too slow", "send the whole request within REQUEST_TIMEOUT"
 )
 
 
-def header_timeout_protocol(timeout: float):
-    """uvicorn's httptools protocol, plus limits on request headers: a client that connects and
-    then trickles (or never sends) its headers is dropped, so idle connections cannot pile up,
-    and headers past 64 KiB are refused before the parser spends time on them."""
+def request_deadline_protocol(timeout: float):
+    """uvicorn's httptools protocol, plus limits on each request: its headers and body must
+    arrive within REQUEST_TIMEOUT (or the client gets 408, or is dropped while still sending
+    headers), so idle or trickling connections cannot pile up; and headers past 64 KiB are
+    refused before the parser spends time on them. One timer per request, at this level,
+    costs less than a timeout around every body read."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    class HeaderDeadlineProtocol(HttpToolsProtocol):
+    class RequestDeadlineProtocol(HttpToolsProtocol):
         deadline = None
+        reading_headers = False
         header_bytes = 0
 
         def connection_made(self, transport) -> None:
@@ -2288,9 +2319,9 @@ def header_timeout_protocol(timeout: float):
             self.start_deadline()
 
         def data_received(self, data: bytes) -> None:
-            reading_headers = self.deadline is not None
+            was_reading_headers = self.reading_headers
             super().data_received(data)
-            if reading_headers and self.deadline is not None:  # the headers are still coming
+            if was_reading_headers and self.reading_headers:  # the headers are still coming
                 self.header_bytes += len(data)
                 if self.header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
                     self.stop_deadline()
@@ -2298,8 +2329,12 @@ def header_timeout_protocol(timeout: float):
                     self.transport.close()
 
         def on_headers_complete(self) -> None:
-            self.stop_deadline()
+            self.reading_headers = False
             super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self.stop_deadline()
+            super().on_message_complete()
 
         def connection_lost(self, exc) -> None:
             self.stop_deadline()
@@ -2307,21 +2342,25 @@ def header_timeout_protocol(timeout: float):
 
         def start_deadline(self) -> None:
             self.stop_deadline()
-            self.header_bytes = 0
-            self.deadline = self.loop.call_later(timeout, self.headers_too_slow)
+            self.reading_headers, self.header_bytes = True, 0
+            self.deadline = self.loop.call_later(timeout, self.too_slow)
 
         def stop_deadline(self) -> None:
             if self.deadline is not None:
                 self.deadline.cancel()
                 self.deadline = None
 
-        def headers_too_slow(self) -> None:
+        def too_slow(self) -> None:
             self.deadline = None
-            if not self.transport.is_closing():
+            if self.transport.is_closing():
+                return
+            if self.reading_headers:
                 log.info("dropped a connection whose request headers took over %g s", timeout)
-                self.transport.close()
+            elif self.cycle is not None and not self.cycle.response_started:
+                self.transport.write(BODY_TOO_SLOW)
+            self.transport.close()
 
-    return HeaderDeadlineProtocol
+    return RequestDeadlineProtocol
 
 
 def websocket_protocol():
@@ -2363,6 +2402,26 @@ class HideKeys(logging.Filter):
 KEY_IN_QUERY = re.compile(r"(api-key=)[^&\s\"']*", re.IGNORECASE)
 
 
+class HandOver(logging.handlers.QueueHandler):
+    """Hands each record to the logging thread as it is: formatting and writing happen
+    there, not on the event loop (our log arguments are plain strings and numbers)."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+
+def start_logging(level: str) -> logging.handlers.QueueListener:
+    """Log lines are formatted and written by a thread of their own, so one line per request
+    costs the event loop little."""
+    output = logging.StreamHandler()
+    output.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    records: queue.SimpleQueue = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(records, output)
+    listener.start()
+    logging.basicConfig(level=level, handlers=[HandOver(records)])
+    return listener
+
+
 def lock_database(path: Path):
     """One server per database: a second one would hand out the same reading ids."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -2388,10 +2447,10 @@ def main() -> None:
         settings = load_settings()
     except SettingsError as error:
         sys.exit(f"SensorFlow cannot start: {error}")
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    log_lines = start_logging(settings.log_level)
     logging.getLogger("uvicorn.error").addFilter(HideKeys())
+    # One line per request is logged: skip the record fields the format never shows.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     try:
         lock = lock_database(settings.sqlite_path)
         check = SQLiteStore(
@@ -2405,7 +2464,7 @@ def main() -> None:
     raise_open_file_limit()
     config = uvicorn.Config(
         build_app(settings),
-        http=header_timeout_protocol(settings.request_timeout),
+        http=request_deadline_protocol(settings.request_timeout),
         ws=websocket_protocol(),
         timeout_graceful_shutdown=10,  # a client holding an export open cannot stall a restart
         log_config=None,  # our logging set-up above, with keys hidden
@@ -2420,6 +2479,7 @@ def main() -> None:
         sys.exit(f"SensorFlow cannot listen on {settings.host}:{settings.port}: {error}")
     uvicorn.Server(config).run(sockets=[sock])
     lock.close()
+    log_lines.stop()
 
 
 if __name__ == "__main__":
