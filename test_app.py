@@ -505,17 +505,16 @@ def test_sensor_id_parameter_limits_the_stream(server):
 
 def test_connections_past_the_per_key_limit_are_refused_and_slots_free_on_close(make_server):
     server = make_server(MAX_WS_CONNECTIONS_PER_KEY="2")
-    first, second = subscribe(server), subscribe(server)
 
-    with subscribe(server) as third:
-        with pytest.raises(ConnectionClosed) as refused:
-            third.recv(timeout=5)
-    first.close()
-    time.sleep(0.3)
-    with subscribe(server) as fourth:
-        post_reading(server, {"sensor_id": "slot", "temperature": 1})
-        received = json.loads(fourth.recv(timeout=5))
-    second.close()
+    with subscribe(server) as first, subscribe(server):
+        with subscribe(server) as third:
+            with pytest.raises(ConnectionClosed) as refused:
+                third.recv(timeout=5)
+        first.close()
+        time.sleep(0.3)
+        with subscribe(server) as fourth:
+            post_reading(server, {"sensor_id": "slot", "temperature": 1})
+            received = json.loads(fourth.recv(timeout=5))
 
     assert refused.value.rcvd.code == 1008
     assert "at most 2" in refused.value.rcvd.reason
