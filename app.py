@@ -904,7 +904,6 @@ class InfluxStore:
         self.influx_detail: str | None = None
         self.failures = 0
         self.connection: sqlite3.Connection | None = None
-        self.set_aside_count = 0
 
     @property
     def write_error(self) -> str | None:
@@ -962,7 +961,6 @@ class InfluxStore:
             reason = "timed out" if "timeout" in type(error).__name__.lower() else "unreachable"
             return self.down(f"InfluxDB {reason}", None)
         self.local.outbox_done(self.connection, [reading.id for reading in batch], set_aside)
-        self.set_aside_count += len(set_aside)
         if self.influx_state != "up":
             log.info("InfluxDB accepts writes again")
         self.influx_state, self.influx_detail, self.failures = "up", None, 0
