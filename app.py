@@ -2198,13 +2198,11 @@ def printable(text: str) -> str:
 UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 
 
-def build_app(settings: Settings) -> Starlette:
+def build_app(settings: Settings, local: SQLiteStore) -> Starlette:
+    """The application around an opened local store (main opens it, to fail early and clearly)."""
+
     @asynccontextmanager
     async def lifespan(app: Starlette):
-        local = SQLiteStore(
-            settings.sqlite_path, settings.fields, outbox=bool(settings.influx_host)
-        )
-        local.open()
         store = InfluxStore(settings, local) if settings.influx_host else local
         subscribers = Subscribers(settings.max_ws_per_key, settings.ws_queue_size)
         SUBSCRIBERS.set_function(lambda: len(subscribers.live))
@@ -2451,17 +2449,16 @@ def main() -> None:
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     try:
         lock = lock_database(settings.sqlite_path)
-        check = SQLiteStore(
+        local = SQLiteStore(
             settings.sqlite_path, settings.fields, outbox=bool(settings.influx_host)
         )
-        check.open()
-        check.close()
+        local.open()
     except (OSError, sqlite3.Error) as error:
         sys.exit(f"SensorFlow cannot use the database {settings.sqlite_path}: {error}")
     settings = ensure_api_key(settings)
     raise_open_file_limit()
     config = uvicorn.Config(
-        build_app(settings),
+        build_app(settings, local),
         http=request_deadline_protocol(settings.request_timeout),
         ws=websocket_protocol(),
         timeout_graceful_shutdown=10,  # a client holding an export open cannot stall a restart

@@ -239,7 +239,7 @@ def test_every_answer_matches_the_description(server, subtests, mode):
 
 
 def starlette_routes(config: app.Settings) -> list:
-    application = app.build_app(config)
+    application = app.build_app(config, app.SQLiteStore(config.sqlite_path, config.fields))
     while not hasattr(application, "routes"):  # unwrap the request-logging layer
         application = application.app
     return application.routes
