@@ -876,17 +876,7 @@ def batches_and_million(bench: Bench) -> None:
     folder = bench.folder("batches")
     server = our_server("sqlite-batches", folder, bench.key, options.log_level).start()
     try:
-        run_loader(server.port, bench.key, 4, options.warmup, False, "batch", tag="warm")
-        for run in range(options.runs):
-
-            def one_run(run=run) -> dict:
-                return run_loader(
-                    server.port, bench.key, 4, options.duration, False, "batch", tag=f"b{run}"
-                )
-
-            result = bench.steady(server, one_run, "batches")
-            bench.measure("batch/sqlite").runs.append(result)
-            say(f"  batches      sqlite  run {run + 1}: {result['rate']:9.0f} readings/s")
+        measure_batches(bench, server, "sqlite")
         have = stored_count(server, bench.key)
         if have < options.stored_readings:
             result = run_loader(
@@ -1012,19 +1002,20 @@ def start_influx_mode(
     return standin, None
 
 
-def influx_batches(bench: Bench, server: Server) -> None:
+def measure_batches(bench: Bench, server: Server, store: str) -> None:
+    """Batches of 1,000 readings from 4 connections: a warm-up, then the measured runs."""
     options = bench.options
-    run_loader(server.port, bench.key, 4, options.warmup, False, "batch", tag="iwarm")
+    run_loader(server.port, bench.key, 4, options.warmup, False, "batch", tag=f"{store}-warm")
     for run in range(options.runs):
 
         def one_run(run=run) -> dict:
             return run_loader(
-                server.port, bench.key, 4, options.duration, False, "batch", tag=f"ib{run}"
+                server.port, bench.key, 4, options.duration, False, "batch", tag=f"{store}{run}"
             )
 
-        result = bench.steady(server, one_run, "influx batches")
-        bench.measure("batch/influx").runs.append(result)
-        say(f"  batches      influx  run {run + 1}: {result['rate']:9.0f} readings/s")
+        result = bench.steady(server, one_run, f"{store} batches")
+        bench.measure(f"batch/{store}").runs.append(result)
+        say(f"  batches      {store:<7} run {run + 1}: {result['rate']:9.0f} readings/s")
 
 
 # --- Report ----------------------------------------------------------------------------------
@@ -1474,7 +1465,7 @@ def main() -> None:
             say("single readings")
             single_readings(bench, servers)
         if "influx" in servers and "batch" in only:
-            influx_batches(bench, servers["influx"])
+            measure_batches(bench, servers["influx"], "influx")
         if "influx" in servers:
             bench.notes.append(
                 "InfluxDB mode answers 201 once a reading is committed to its local spool and"
