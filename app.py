@@ -1057,9 +1057,8 @@ class InfluxStore:
             " AND time >= to_timestamp_millis($start) AND time <= to_timestamp_millis($end)"
             f" ORDER BY time {order} LIMIT $limit",
             sensor=sensor_id,
-            start=max(start_ms, -INFLUX_TIME_LIMIT_MS),
-            end=min(end_ms, INFLUX_TIME_LIMIT_MS),
             limit=limit,
+            **influx_range(start_ms, end_ms),
         )
         stored = [self.reading(row) for row in rows]
         chunks = self.local.history(sensor_id, start_ms, end_ms, limit, descending, True)
@@ -1091,9 +1090,8 @@ class InfluxStore:
                 " AND time >= to_timestamp_millis($start) AND time <= to_timestamp_millis($end)"
                 " GROUP BY CAST(time AS BIGINT) / 1000000 / $every * $every",
                 sensor=sensor_id,
-                start=max(start_ms, -INFLUX_TIME_LIMIT_MS),
-                end=min(end_ms, INFLUX_TIME_LIMIT_MS),
                 every=every_ms,
+                **influx_range(start_ms, end_ms),
             )
             if columns
             else []
@@ -1119,26 +1117,24 @@ class InfluxStore:
     def sensors_merged(self) -> list[tuple[str, int, int, int, list[str], Reading | None]]:
         columns = self.columns()
         present = "".join(f', count("{n}") AS "{n}"' for n in self.fields if n in columns)
-        summary = (
-            {
-                row["sensor_id"]: [
-                    row["first"],
-                    row["last"],
-                    row["n"],
-                    {f for f in self.fields if row.get(f)},
-                ]  # fmt: skip
-                for row in self.query(
-                    "SELECT sensor_id, CAST(min(time) AS BIGINT) AS first,"
-                    f" CAST(max(time) AS BIGINT) AS last, count(*) AS n{present}"
-                    " FROM {table} GROUP BY sensor_id"
-                )
-            }
+        rows = (
+            self.query(
+                "SELECT sensor_id, CAST(min(time) AS BIGINT) AS first,"
+                f" CAST(max(time) AS BIGINT) AS last, count(*) AS n{present}"
+                " FROM {table} GROUP BY sensor_id"
+            )
             if columns
-            else {}
+            else []
         )
-        for entry in summary.values():
-            entry[0] //= 1_000_000
-            entry[1] //= 1_000_000
+        summary = {
+            row["sensor_id"]: [
+                row["first"] // 1_000_000,
+                row["last"] // 1_000_000,
+                row["n"],
+                {name for name in self.fields if row.get(name)},
+            ]
+            for row in rows
+        }
         for sensor_id, first, last, count, fields in self.local.pending_sensors():
             entry = summary.setdefault(sensor_id, [first, last, 0, set()])
             entry[0], entry[1] = min(entry[0], first), max(entry[1], last)
@@ -1148,6 +1144,11 @@ class InfluxStore:
             (sensor_id, first, last, count, sorted(fields), self.latest_merged(sensor_id))
             for sensor_id, (first, last, count, fields) in sorted(summary.items())
         ]
+
+
+def influx_range(start_ms: int, end_ms: int) -> dict[str, int]:
+    """Query parameters for a time range, kept within what InfluxDB can represent."""
+    return {"start": max(start_ms, -INFLUX_TIME_LIMIT_MS), "end": min(end_ms, INFLUX_TIME_LIMIT_MS)}
 
 
 def chunked_merge(read):
