@@ -1551,7 +1551,8 @@ async def post_batch(request: Request) -> Response:
             problems.append({"index": index, "field": error.field, "message": error.message})
     if problems:
         # The first few are enough to fix the firmware, and keep the answer under 1 KB.
-        raise ApiError(422, f"{len(problems)} invalid readings, none stored", problems[:8])
+        counted = f"{len(problems)} invalid reading{'s' if len(problems) > 1 else ''}"
+        raise ApiError(422, f"{counted}, none stored", problems[:8])
 
     result = await commit(request, readings)
 
