@@ -31,18 +31,18 @@ import functools
 import hmac
 import json
 import logging
-import logging.handlers
 import math
 import os
-import queue
 import re
 import resource
 import secrets
 import socket
 import sqlite3
 import sys
+import threading
 import time
 from collections import Counter as Tally
+from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -576,8 +576,26 @@ class SQLiteStore:
 
     # Writing: called only from the writer thread.
 
-    def write(self, jobs: list[list[Reading]]) -> list[WriteResult]:
-        """Insert every job's readings in one transaction; duplicates are skipped, not stored."""
+    def begin(self) -> None:
+        """Take the write lock (this may wait for another connection, so not on the loop)."""
+        self.guard(self.begin_transaction)
+
+    def begin_transaction(self) -> None:
+        if self.writer is None:
+            self.writer = self.connect()
+        self.writer.execute("BEGIN IMMEDIATE")
+
+    def insert(self, jobs: list[list[Reading]]) -> list[WriteResult]:
+        """Insert every job's readings; duplicates are skipped, not stored. Memory work on
+        pages SQLite has cached, quick enough for the event loop."""
+        first_id = self.next_id
+        try:
+            return self.guard(self.insert_rows, jobs)
+        except StoreError:
+            self.next_id = first_id
+            raise
+
+    def insert_rows(self, jobs: list[list[Reading]]) -> list[WriteResult]:
         first_id = self.next_id
         rows = []
         for job in jobs:
@@ -585,37 +603,38 @@ class SQLiteStore:
                 reading.id = self.next_id
                 self.next_id += 1
                 rows.append(self.row(reading))
-        try:
-            if self.writer is None:
-                self.writer = self.connect()
-            self.writer.execute("BEGIN IMMEDIATE")
-            changes_before = self.writer.total_changes
-            self.writer.executemany(self.insert_sql, rows)
-            if self.writer.total_changes - changes_before == len(rows):
-                inserted = range(first_id, self.next_id)  # nothing was a duplicate
-            else:
-                inserted = {
-                    row[0]
-                    for row in self.writer.execute(
-                        "SELECT id FROM readings WHERE id >= ?", (first_id,)
-                    )
-                }
-            results = [self.sort_out(job, inserted) for job in jobs]
-            stored = [reading for result in results for reading in result.stored]
-            self.update_sensors(stored)
-            if self.outbox:
-                spooled_ms = time.time_ns() // 1_000_000
-                self.writer.executemany(
-                    "INSERT INTO outbox VALUES (?, ?)", [(r.id, spooled_ms) for r in stored]
-                )
-            self.writer.execute("COMMIT")
-        except sqlite3.Error as error:
-            self.fail(error)
-            self.next_id = first_id
-            raise StoreError(describe_store_error(error)) from error
+        changes_before = self.writer.total_changes
+        self.writer.executemany(self.insert_sql, rows)
+        if self.writer.total_changes - changes_before == len(rows):
+            inserted = range(first_id, self.next_id)  # nothing was a duplicate
+        else:
+            inserted = {
+                row[0]
+                for row in self.writer.execute("SELECT id FROM readings WHERE id >= ?", (first_id,))
+            }
+        results = [self.sort_out(job, inserted) for job in jobs]
+        stored = [reading for result in results for reading in result.stored]
+        self.update_sensors(stored)
+        if self.outbox:
+            spooled_ms = time.time_ns() // 1_000_000
+            self.writer.executemany(
+                "INSERT INTO outbox VALUES (?, ?)", [(r.id, spooled_ms) for r in stored]
+            )
+        return results
+
+    def commit(self) -> None:
+        """Make the transaction durable: waits for the disk, so not on the loop."""
+        self.guard(self.writer.execute, "COMMIT")
         self.write_error = None
         self.commits += 1
-        return results
+
+    def guard(self, step, *args):
+        """Run one step of a write; on an SQLite error, drop the transaction and report why."""
+        try:
+            return step(*args)
+        except sqlite3.Error as error:
+            self.fail(error)
+            raise StoreError(describe_store_error(error)) from error
 
     def row(self, reading: Reading) -> tuple:
         values = reading.values
@@ -1194,13 +1213,14 @@ class Writer:
         self.wakeup = asyncio.Event()
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sensorflow-writer")
         self.task: asyncio.Task | None = None
+        self.busy = asyncio.Lock()  # the writer connection serves one write or probe at a time
         self.committed = asyncio.Event()  # wakes the InfluxDB delivery after each commit
 
     def start(self) -> None:
         self.task = asyncio.create_task(self.run())
 
     async def stop(self) -> None:
-        while self.pending:  # let the last requests be committed before shutting down
+        while self.pending or self.busy.locked():  # let the last requests be committed
             await asyncio.sleep(0.01)
         if self.task:
             self.task.cancel()
@@ -1213,37 +1233,44 @@ class Writer:
         return await future
 
     async def probe(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self.thread, self.store.probe)
+        async with self.busy:
+            await asyncio.get_running_loop().run_in_executor(self.thread, self.store.probe)
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await self.wakeup.wait()
             self.wakeup.clear()
             jobs, self.pending = self.pending, []
-            if not jobs:
-                continue
-            started = time.perf_counter()
-            try:
-                results = await loop.run_in_executor(
-                    self.thread, self.store.write, [readings for readings, _ in jobs]
-                )
-            except StoreError as error:
-                log.warning("write failed: %s", error)
-                for _, future in jobs:
-                    if not future.done():
-                        future.set_exception(error)
-                continue
-            COMMIT_SECONDS.observe(time.perf_counter() - started)
-            self.committed.set()
-            # Answer the requests first, then tell subscribers, in the order of storing.
-            for (_, future), result in zip(jobs, results, strict=True):
-                STORED.inc(len(result.stored))
+            if jobs:
+                async with self.busy:
+                    await self.commit(jobs)
+
+    async def commit(self, jobs: list[tuple[list[Reading], asyncio.Future]]) -> None:
+        """One transaction for every waiting job. Taking the write lock and committing wait on
+        other connections and on the disk, so they run on the writer thread; the inserts in
+        between run here, so the two threads trade the GIL twice per commit, not at every row."""
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            await loop.run_in_executor(self.thread, self.store.begin)
+            results = self.store.insert([readings for readings, _ in jobs])
+            await loop.run_in_executor(self.thread, self.store.commit)
+        except StoreError as error:
+            log.warning("write failed: %s", error)
+            for _, future in jobs:
                 if not future.done():
-                    future.set_result(result)
-            for result in results:
-                for reading in result.stored:
-                    self.subscribers.publish(reading, self.zone)
+                    future.set_exception(error)
+            return
+        COMMIT_SECONDS.observe(time.perf_counter() - started)
+        self.committed.set()
+        # Answer the requests first, then tell subscribers, in the order of storing.
+        for (_, future), result in zip(jobs, results, strict=True):
+            STORED.inc(len(result.stored))
+            if not future.done():
+                future.set_result(result)
+        for result in results:
+            for reading in result.stored:
+                self.subscribers.publish(reading, self.zone)
 
 
 async def deliver_forever(store: InfluxStore, committed: asyncio.Event) -> None:
@@ -2400,24 +2427,53 @@ class HideKeys(logging.Filter):
 KEY_IN_QUERY = re.compile(r"(api-key=)[^&\s\"']*", re.IGNORECASE)
 
 
-class HandOver(logging.handlers.QueueHandler):
-    """Hands each record to the logging thread as it is: formatting and writing happen
-    there, not on the event loop (our log arguments are plain strings and numbers)."""
+class LineWriter(logging.Handler):
+    """Formats each record where it is logged and writes the lines out together, a few times
+    a second, from a thread of its own. A request's log line then costs the event loop a
+    string and an append: no write() to a slow terminal or pipe, and no thread woken per line
+    (a hand-off per line cost more than the line itself)."""
 
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        return record
+    def __init__(self, stream, interval: float = 0.1) -> None:
+        super().__init__()
+        self.stream = stream
+        self.interval = interval
+        self.lines: deque[str] = deque()  # append and popleft are safe across threads
+        self.writing = threading.Lock()  # not the handler's own lock: emit must never wait
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="sensorflow-log", daemon=True)
+        self.thread.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.append(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+        if self.stopped.is_set():
+            self.flush()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            self.flush()
+
+    def flush(self) -> None:
+        with self.writing:  # the writing thread, and logging's own flush at exit
+            lines = [self.lines.popleft() for _ in range(len(self.lines))]
+            if lines:
+                self.stream.write("".join(lines))
+                self.stream.flush()
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join()
+        self.flush()
+        super().close()
 
 
-def start_logging(level: str) -> logging.handlers.QueueListener:
-    """Log lines are formatted and written by a thread of their own, so one line per request
-    costs the event loop little."""
-    output = logging.StreamHandler()
+def start_logging(level: str) -> LineWriter:
+    output = LineWriter(sys.stderr)
     output.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    records: queue.SimpleQueue = queue.SimpleQueue()
-    listener = logging.handlers.QueueListener(records, output)
-    listener.start()
-    logging.basicConfig(level=level, handlers=[HandOver(records)])
-    return listener
+    logging.basicConfig(level=level, handlers=[output])
+    return output
 
 
 def lock_database(path: Path):
@@ -2476,7 +2532,7 @@ def main() -> None:
         sys.exit(f"SensorFlow cannot listen on {settings.host}:{settings.port}: {error}")
     uvicorn.Server(config).run(sockets=[sock])
     lock.close()
-    log_lines.stop()
+    log_lines.close()
 
 
 if __name__ == "__main__":
