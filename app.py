@@ -59,7 +59,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -344,6 +344,15 @@ class ApiError(Exception):
         self.error = error
         self.detail = detail
         self.headers = headers
+
+    def content(self) -> dict:
+        return {"error": self.error, "detail": self.detail}
+
+    def response_headers(self) -> dict[str, str]:
+        headers = dict(self.headers or {})
+        if self.status in (408, 413):
+            headers["Connection"] = "close"  # the rest of the body is not worth waiting for
+        return headers
 
 
 class ReadingError(ValueError):
@@ -1429,10 +1438,12 @@ def check_rate(state, name: str) -> None:
 
 
 def require_key(request: Request) -> None:
+    check_key(request.app.state, client_ip(request), request.headers.get("x-api-key"))
+
+
+def check_key(state, address: str, key: str | None) -> None:
     """Rate-limit the address, check the key, then rate-limit the key."""
-    state = request.app.state
-    check_rate(state, "address " + client_ip(request))
-    key = request.headers.get("x-api-key")
+    check_rate(state, "address " + address)
     if not keys_match(key, state.settings.api_keys):
         raise ApiError(401, "missing or wrong API key", "send it in the X-API-Key header")
     check_rate(state, "key " + key)
@@ -1474,27 +1485,62 @@ def client_ip(request: Request) -> str:
     return request.scope["state"]["client_ip"]
 
 
-async def read_body(request: Request, settings: Settings) -> bytes:
-    """The request body, refused with 413 as soon as it is known to be over the limit. (A body
-    that does not arrive within REQUEST_TIMEOUT is answered below, see the protocol.)"""
-    limit = settings.max_body_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, "body too large", f"at most {limit} bytes")
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
+class Post:
+    """What the ingest routes need of a request, read straight from the ASGI scope: every
+    reading takes this path, so it skips Starlette's routing, Request and Response."""
+
+    __slots__ = ("state", "receive", "client_ip", "headers", "sensor")
+
+    def __init__(self, state, scope, receive) -> None:
+        self.state = state
+        self.receive = receive
+        self.client_ip: str = scope["state"]["client_ip"]
+        self.headers: dict[bytes, str] = {}
+        for name, value in scope["headers"]:
+            self.headers.setdefault(name, value.decode("latin-1"))  # the first one counts
+        self.sensor: str | None = None  # for the log line
+
+    async def body(self) -> bytes:
+        """The request body, refused with 413 as soon as it is known to be over the limit. (A
+        body that does not arrive within REQUEST_TIMEOUT is answered below, see the protocol.)"""
+        limit = self.state.settings.max_body_bytes
+        declared = self.headers.get(b"content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, "body too large", f"at most {limit} bytes")
+        chunks, size = [], 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":  # if too slow, the protocol answered 408
+                raise ApiError(408, "body too slow", "the client went away")
+            chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
                 raise ApiError(413, "body too large", f"at most {limit} bytes")
             chunks.append(chunk)
-    except ClientDisconnect:  # for one that was too slow, the protocol has answered 408
-        raise ApiError(408, "body too slow", "the client went away") from None
-    return b"".join(chunks)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
+    async def payload(self) -> object:
+        kind = self.headers.get(b"content-type", "").split(";")[0].strip().lower()
+        if kind not in JSON_TYPES and kind != FORM_TYPE:
+            raise ApiError(
+                415, "unsupported content type", f"send application/json, text/plain or {FORM_TYPE}"
+            )
+        body = await self.body()
+        # Many HTTP clients (curl -d, some board libraries) label a JSON body as a form.
+        if kind != FORM_TYPE or body.lstrip()[:1] in (b"{", b"["):
+            return decode_json(body)
+        try:
+            return dict(parse_qsl(body.decode(), keep_blank_values=True))
+        except UnicodeDecodeError:
+            raise ApiError(400, "malformed form body", "the form is not UTF-8") from None
 
-def media_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+    async def commit(self, readings: list[Reading]) -> WriteResult:
+        self.state.clock.stamp(readings)
+        try:
+            return await self.state.writer.write(readings)
+        except StoreError as error:
+            raise ApiError(503, "storage unavailable, reading not stored", str(error)) from None
 
 
 def decode_json(body: bytes) -> object:
@@ -1506,60 +1552,32 @@ def decode_json(body: bytes) -> object:
         raise ApiError(400, "malformed JSON", "nested too deeply") from None
 
 
-async def read_payload(request: Request) -> object:
-    kind = media_type(request)
-    if kind not in JSON_TYPES and kind != FORM_TYPE:
-        raise ApiError(
-            415, "unsupported content type", f"send application/json, text/plain or {FORM_TYPE}"
-        )
-    body = await read_body(request, request.app.state.settings)
-    # Many HTTP clients (curl -d, some board libraries) label a JSON body as a form.
-    if kind != FORM_TYPE or body.lstrip()[:1] in (b"{", b"["):
-        return decode_json(body)
-    try:
-        return dict(parse_qsl(body.decode(), keep_blank_values=True))
-    except UnicodeDecodeError:
-        raise ApiError(400, "malformed form body", "the form is not UTF-8") from None
-
-
-def stored_response(request: Request, reading: Reading, status: int) -> JSONResponse:
-    request.state.sensor = reading.sensor_id
-    return JSONResponse(reading.as_dict(request.app.state.settings.timezone), status)
-
-
-async def commit(request: Request, readings: list[Reading]) -> WriteResult:
-    request.app.state.clock.stamp(readings)
-    try:
-        return await request.app.state.writer.write(readings)
-    except StoreError as error:
-        raise ApiError(503, "storage unavailable, reading not stored", str(error)) from None
-
-
-async def post_reading(request: Request) -> Response:
+async def post_reading(post: Post) -> tuple[int, dict]:
     """Store one reading. 201 with the stored reading; 200 when it was already stored."""
-    require_key(request)
-    settings = request.app.state.settings
-    data = await read_payload(request)
+    check_key(post.state, post.client_ip, post.headers.get(b"x-api-key"))
+    settings = post.state.settings
+    data = await post.payload()
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object")
-    request.state.sensor = str(data.get("sensor_id", ""))[:64]
+    post.sensor = str(data.get("sensor_id", ""))[:64]
     try:
-        reading = parse_reading(data, settings, client_ip(request), time.time_ns() // 1_000_000)
+        reading = parse_reading(data, settings, post.client_ip, time.time_ns() // 1_000_000)
     except ReadingError as error:
         raise ApiError(422, error.message, {"field": error.field}) from None
 
-    result = await commit(request, [reading])
+    result = await post.commit([reading])
 
+    post.sensor = reading.sensor_id
     if result.duplicates:
-        return stored_response(request, result.duplicates[0], 200)
-    return stored_response(request, result.stored[0], 201)
+        return 200, result.duplicates[0].as_dict(settings.timezone)
+    return 201, reading.as_dict(settings.timezone)
 
 
-async def post_batch(request: Request) -> Response:
+async def post_batch(post: Post) -> tuple[int, dict]:
     """Store a batch: all readings are valid and stored in one transaction, or none is."""
-    require_key(request)
-    settings = request.app.state.settings
-    data = await read_payload(request)
+    check_key(post.state, post.client_ip, post.headers.get(b"x-api-key"))
+    settings = post.state.settings
+    data = await post.payload()
     if isinstance(data, dict) and isinstance(data.get("readings"), list):
         data = data["readings"]
     if not isinstance(data, list):
@@ -1569,11 +1587,11 @@ async def post_batch(request: Request) -> Response:
     if not data:
         raise ApiError(422, "the batch holds no readings")
 
-    now_ms, address = time.time_ns() // 1_000_000, client_ip(request)
+    now_ms = time.time_ns() // 1_000_000
     readings, problems = [], []
     for index, item in enumerate(data):
         try:
-            readings.append(parse_reading(item, settings, address, now_ms))
+            readings.append(parse_reading(item, settings, post.client_ip, now_ms))
         except ReadingError as error:
             problems.append({"index": index, "field": error.field, "message": error.message})
     if problems:
@@ -1581,7 +1599,7 @@ async def post_batch(request: Request) -> Response:
         counted = f"{len(problems)} invalid reading{'s' if len(problems) > 1 else ''}"
         raise ApiError(422, f"{counted}, none stored", problems[:8])
 
-    result = await commit(request, readings)
+    result = await post.commit(readings)
 
     device = sum(reading.device_clock for reading in readings)
     body = {
@@ -1589,7 +1607,39 @@ async def post_batch(request: Request) -> Response:
         "duplicates": len(result.duplicates),
         "clock": {"device": device, "server": len(readings) - device},
     }
-    return JSONResponse(body, 201 if result.stored or not result.duplicates else 200)
+    return 201 if result.stored or not result.duplicates else 200, body
+
+
+INGEST_ROUTES = {"/api/v1/temperature_reading": post_reading, "/api/v1/readings": post_batch}
+
+
+class Ingest:
+    """The ingest routes as a plain ASGI app (see Post), answering every error as JSON."""
+
+    def __init__(self, app: Starlette) -> None:
+        self.app = app  # its state, filled in at start-up
+
+    async def __call__(self, scope, receive, send) -> None:
+        post = Post(self.app.state, scope, receive)
+        headers = None
+        try:
+            if scope["method"] != "POST":
+                raise ApiError(405, "Method Not Allowed", None, {"Allow": "POST"})
+            status, content = await INGEST_ROUTES[scope["path"]](post)
+        except ApiError as error:
+            REJECTED.labels(REJECT_REASONS.get(error.status, str(error.status))).inc()
+            status, content, headers = error.status, error.content(), error.response_headers()
+        scope["state"]["sensor"] = post.sensor
+        await send_json(send, status, content, headers)
+
+
+async def send_json(send, status: int, content: object, headers: dict | None = None) -> None:
+    body = json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    for name, value in (headers or {}).items():
+        raw.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
 
 
 def path_sensor(request: Request) -> str:
@@ -1609,7 +1659,7 @@ async def latest_reading(request: Request) -> Response:
     reading = await run_read(request, request.app.state.store.latest, sensor_id)
     if reading is None:
         raise ApiError(404, "unknown sensor", {"sensor_id": sensor_id[:64]})
-    return stored_response(request, reading, 200)
+    return JSONResponse(reading.as_dict(request.app.state.settings.timezone))
 
 
 def query_time(request: Request, name: str, default: int) -> int:
@@ -2148,16 +2198,9 @@ async def docs(request: Request) -> Response:
 
 # --- App assembly ---------------------------------------------------------------------------
 
-INGEST_PATHS = {"/api/v1/temperature_reading", "/api/v1/readings"}
-
 
 async def api_error(request: Request, error: ApiError) -> Response:
-    headers = dict(error.headers or {})
-    if error.status in (408, 413):
-        headers["Connection"] = "close"  # the rest of the body is not worth waiting for
-    if request.url.path in INGEST_PATHS:
-        REJECTED.labels(REJECT_REASONS.get(error.status, str(error.status))).inc()
-    return JSONResponse({"error": error.error, "detail": error.detail}, error.status, headers)
+    return JSONResponse(error.content(), error.status, error.response_headers())
 
 
 async def http_error(request: Request, error: HTTPException) -> Response:
@@ -2170,12 +2213,14 @@ async def metrics(request: Request) -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
-class RequestLog:
-    """Resolves the client address, then logs one line per request (method, path, status,
+class Front:
+    """In front of everything: resolves the client address, sends the ingest routes to
+    Ingest and the rest to Starlette, then logs one line per request (method, path, status,
     milliseconds, sensor, client address) and counts it for /metrics."""
 
-    def __init__(self, app, trusted: tuple[IPNetwork, ...]) -> None:
+    def __init__(self, app: Starlette, ingest, trusted: tuple[IPNetwork, ...]) -> None:
         self.app = app
+        self.ingest = ingest
         self.trusted = trusted
         self.counted: dict[tuple[str, int], tuple] = {}
 
@@ -2194,28 +2239,36 @@ class RequestLog:
                 status = message["status"]
             await send(message)
 
+        ingest = scope["path"] in INGEST_ROUTES
         try:
-            await self.app(scope, receive, send_and_note)
+            await (self.ingest if ingest else self.app)(scope, receive, send_and_note)
         finally:
             seconds = time.perf_counter() - started
-            route = getattr(scope.get("route"), "path", "unmatched")
-            counted = self.counted.get((route, status))
-            if counted is None:  # looked up once per route and status, not once per request
-                counted = REQUESTS.labels(route, status), LATENCY.labels(route)
-                self.counted[(route, status)] = counted
-            counted[0].inc()
-            counted[1].observe(seconds)
+            route = scope["path"] if ingest else getattr(scope.get("route"), "path", "unmatched")
+            self.count(route, status, seconds)
             if log.isEnabledFor(logging.INFO):
-                state = scope["state"]
-                log.info(
-                    "%s %s %d %.1fms sensor=%s client=%s",
-                    scope["method"],
-                    printable(scope["path"]),
-                    status,
-                    seconds * 1000,
-                    printable(state.get("sensor") or "-"),
-                    state["client_ip"] or "-",
-                )
+                log_request(scope, status, seconds)
+
+    def count(self, route: str, status: int, seconds: float) -> None:
+        counted = self.counted.get((route, status))
+        if counted is None:  # looked up once per route and status, not once per request
+            counted = REQUESTS.labels(route, status), LATENCY.labels(route)
+            self.counted[(route, status)] = counted
+        counted[0].inc()
+        counted[1].observe(seconds)
+
+
+def log_request(scope, status: int, seconds: float) -> None:
+    state = scope["state"]
+    log.info(
+        "%s %s %d %.1fms sensor=%s client=%s",
+        scope["method"],
+        printable(scope["path"]),
+        status,
+        seconds * 1000,
+        printable(state.get("sensor") or "-"),
+        state["client_ip"] or "-",
+    )
 
 
 def printable(text: str) -> str:
@@ -2227,7 +2280,7 @@ def printable(text: str) -> str:
 UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 
 
-def build_app(settings: Settings, local: SQLiteStore) -> Starlette:
+def build_app(settings: Settings, local: SQLiteStore) -> Front:
     """The application around an opened local store (main opens it, to fail early and clearly)."""
 
     @asynccontextmanager
@@ -2273,8 +2326,6 @@ def build_app(settings: Settings, local: SQLiteStore) -> Starlette:
         log.info("SensorFlow stopped")
 
     routes = [
-        Route("/api/v1/temperature_reading", post_reading, methods=["POST"]),
-        Route("/api/v1/readings", post_batch, methods=["POST"]),
         Route("/api/v1/sensor/{sensor_id}/latest", latest_reading),
         Route("/api/v1/sensor/{sensor_id}/readings", history),
         Route("/api/v1/sensors", sensors),
@@ -2286,24 +2337,22 @@ def build_app(settings: Settings, local: SQLiteStore) -> Starlette:
         Route("/docs", docs),
         Route("/", dashboard),
     ]
-    middleware = []
+    cors = {}
     if settings.cors_origins:
-        middleware.append(
-            Middleware(
-                CORSMiddleware,
-                allow_origins=list(settings.cors_origins),
-                allow_methods=["GET", "POST"],
-                allow_headers=["X-API-Key", "Content-Type"],
-                max_age=600,
-            )
+        cors = dict(
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["X-API-Key", "Content-Type"],
+            max_age=600,
         )
     app = Starlette(
         routes=routes,
-        middleware=middleware,
+        middleware=[Middleware(CORSMiddleware, **cors)] if cors else [],
         lifespan=lifespan,
         exception_handlers={ApiError: api_error, HTTPException: http_error},
     )
-    return RequestLog(app, settings.trusted_proxies)
+    ingest = CORSMiddleware(Ingest(app), **cors) if cors else Ingest(app)
+    return Front(app, ingest, settings.trusted_proxies)
 
 
 def raw_error(status: str, error: str, detail: str) -> bytes:
