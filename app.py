@@ -61,8 +61,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from starlette.routing import Route, WebSocketRoute
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.routing import Route
 
 VERSION = "1.0.0"
 HERE = Path(__file__).resolve().parent
@@ -1840,60 +1839,78 @@ async def sensors(request: Request) -> Response:
     return JSONResponse({"sensors": body, "silent_after": silent_after})
 
 
-async def live_updates(websocket: WebSocket) -> None:
-    """Send every stored reading (of one sensor, with ?sensor_id=) as one JSON message."""
-    state = websocket.app.state
-    key = websocket.query_params.get("api-key") or websocket.headers.get("x-api-key")
-    await websocket.accept()
+LIVE_PATH = "/ws/sensor_updates"
+
+
+async def live_updates(scope, receive, send, state) -> None:
+    """Send every stored reading (of one sensor, with ?sensor_id=) as one JSON message. Plain
+    ASGI rather than a Starlette route: a subscriber may idle for days, and this way it holds
+    no framework objects, only its own."""
+    query = dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True))
+    key = query.get("api-key") or first_header(scope, b"x-api-key")
+    address = client_address(scope, state.settings.trusted_proxies)
+    await receive()  # websocket.connect, always the first message
+    await send({"type": "websocket.accept"})  # from here on, the headers are gone
     try:
-        check_rate(state, "address " + websocket.scope["state"]["client_ip"])
+        check_rate(state, "address " + address)
     except ApiError:
-        await websocket.close(1013, "too many requests: try again later")
+        await send_close(send, 1013, "too many requests: try again later")
         return
     if not keys_match(key, state.settings.ws_keys):
-        await websocket.close(1008, "missing or wrong API key")
+        await send_close(send, 1008, "missing or wrong API key")
         return
-    sensor_id = websocket.query_params.get("sensor_id") or None
-    subscriber = state.subscribers.join(key, sensor_id)
+    subscriber = state.subscribers.join(key, query.get("sensor_id") or None)
     if subscriber is None:
-        await websocket.close(1008, f"at most {state.settings.max_ws_per_key} connections per key")
+        await send_close(send, 1008, f"at most {state.settings.max_ws_per_key} connections per key")
         return
+    await serve(subscriber, receive, send, state.subscribers)
+
+
+def first_header(scope, name: bytes) -> str | None:
+    for header, value in scope["headers"]:
+        if header == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def serve(subscriber: Subscriber, receive, send, subscribers: Subscribers) -> None:
     # Two tasks per subscriber: this one waits for the client to go, the other sends. When
     # the subscriber overflows, this one is cancelled (see Subscribers.publish).
     subscriber.handler = asyncio.current_task()
-    sender = asyncio.create_task(send_queued(websocket, subscriber))
+    sender = asyncio.create_task(send_queued(send, subscriber))
     try:
-        await wait_for_close(websocket)
+        await wait_for_close(receive)
     except asyncio.CancelledError:
         if not subscriber.overflowed:
             raise
         sender.cancel()
-        await close_quietly(websocket, 1008, "too slow: fell behind the live stream")
+        await close_quietly(send, 1008, "too slow: fell behind the live stream")
     finally:
-        state.subscribers.leave(subscriber)
+        subscribers.leave(subscriber)
         sender.cancel()
 
 
-async def send_queued(websocket: WebSocket, subscriber: Subscriber) -> None:
+async def send_queued(send, subscriber: Subscriber) -> None:
     try:
         while True:
             for message in await subscriber.take():
-                await websocket.send_text(message)
-    except (WebSocketDisconnect, RuntimeError, OSError):
+                await send({"type": "websocket.send", "text": message})
+    except (RuntimeError, OSError):  # the connection is closing or gone
         pass
 
 
-async def wait_for_close(websocket: WebSocket) -> None:
-    try:
-        while True:
-            await websocket.receive_text()
-    except (WebSocketDisconnect, RuntimeError):
-        return
+async def wait_for_close(receive) -> None:
+    while (await receive())["type"] != "websocket.disconnect":
+        pass  # what a subscriber sends is not read
 
 
-async def close_quietly(websocket: WebSocket, code: int, reason: str) -> None:
+def send_close(send, code: int, reason: str):
+    return send({"type": "websocket.close", "code": code, "reason": reason})
+
+
+async def close_quietly(send, code: int, reason: str) -> None:
     try:
-        await asyncio.wait_for(websocket.close(code, reason), timeout=1)
+        await asyncio.wait_for(send_close(send, code, reason), timeout=1)
     except (TimeoutError, RuntimeError, OSError):
         pass
 
@@ -2214,9 +2231,10 @@ async def metrics(request: Request) -> Response:
 
 
 class Front:
-    """In front of everything: resolves the client address, sends the ingest routes to
-    Ingest and the rest to Starlette, then logs one line per request (method, path, status,
-    milliseconds, sensor, client address) and counts it for /metrics."""
+    """In front of everything: hands the live route to live_updates; for every HTTP request,
+    resolves the client address, sends the ingest routes to Ingest and the rest to Starlette,
+    then logs one line (method, path, status, milliseconds, sensor, client address) and counts
+    it for /metrics."""
 
     def __init__(self, app: Starlette, ingest, trusted: tuple[IPNetwork, ...]) -> None:
         self.app = app
@@ -2225,11 +2243,11 @@ class Front:
         self.counted: dict[tuple[str, int], tuple] = {}
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "lifespan":
-            return await self.app(scope, receive, send)
-        scope.setdefault("state", {})["client_ip"] = client_address(scope, self.trusted)
+        if scope["type"] == "websocket" and scope["path"] == LIVE_PATH:
+            return await live_updates(scope, receive, send, self.app.state)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        scope.setdefault("state", {})["client_ip"] = client_address(scope, self.trusted)
         started = time.perf_counter()
         status = 500
 
@@ -2329,7 +2347,6 @@ def build_app(settings: Settings, local: SQLiteStore) -> Front:
         Route("/api/v1/sensor/{sensor_id}/latest", latest_reading),
         Route("/api/v1/sensor/{sensor_id}/readings", history),
         Route("/api/v1/sensors", sensors),
-        WebSocketRoute("/ws/sensor_updates", live_updates),
         Route("/api/v1/health", health),
         Route("/api/v1/ping", ping),
         Route("/metrics", metrics),
@@ -2438,16 +2455,103 @@ def request_deadline_protocol(timeout: float):
 
 
 def websocket_protocol():
-    """uvicorn's WebSocket protocol, made to cut off a client that stopped reading: closing a
-    connection waits for the peer to take what is buffered, which a stalled one never does."""
+    """uvicorn's WebSocket protocol, made to cut off a client that stopped reading (closing a
+    connection waits for the peer to take what is buffered, which a stalled one never does),
+    and made small: a subscriber may stay connected for days, mostly idle."""
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
     class CuttingWebSocketProtocol(WebSocketsSansIOProtocol):
+        # Slots keep these out of the instance dictionary: with 30 names or more, a dictionary
+        # no longer shares its keys with the other connections' and costs 1.3 KB more.
+        __slots__ = (
+            "request",
+            "response",
+            "scope",
+            "queue",
+            "writable",
+            "frames",
+            "curr_msg_data_type",
+            "ping_timer",
+            "pong_timer",
+            "pending_ping_payload",
+            "ping_sent_at",
+            "last_ping_rtt",
+        )
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.queue = Inbox()
+            self.writable = Gate()
+
+        async def send(self, message) -> None:
+            await super().send(message)
+            if message["type"] == "websocket.accept":
+                self.forget_handshake()
+
+        def forget_handshake(self) -> None:
+            """Drop the headers only the handshake needed (the application has read them by
+            the time it accepts). websockets' frame parser holds on to the request till the
+            connection ends, so its headers are emptied rather than let go."""
+            self.request.headers.clear()
+            self.request = self.response = None
+            self.scope["headers"] = []
+
         async def run_asgi(self) -> None:
             await super().run_asgi()
             self.loop.call_later(CLOSE_GRACE_SECONDS, self.transport.abort)
 
     return CuttingWebSocketProtocol
+
+
+class Inbox:
+    """What a WebSocket client sent, waiting for the application to receive it: a list and a
+    future made only while the reader waits, in place of an asyncio.Queue, which costs four
+    deques (3 KB) on every connection. One reader at a time, as ASGI's receive is used."""
+
+    __slots__ = ("messages", "arrival")
+
+    def __init__(self) -> None:
+        self.messages: list = []
+        self.arrival: asyncio.Future | None = None
+
+    def put_nowait(self, message) -> None:
+        self.messages.append(message)
+        if self.arrival is not None and not self.arrival.done():
+            self.arrival.set_result(None)
+
+    def empty(self) -> bool:
+        return not self.messages
+
+    async def get(self):
+        while not self.messages:
+            self.arrival = asyncio.get_running_loop().create_future()
+            await self.arrival
+        return self.messages.pop(0)
+
+
+class Gate:
+    """Open while the connection may be written to, in place of an asyncio.Event, which costs
+    a deque (760 bytes) on every connection though few ever wait. One writer at a time, as
+    ASGI's send is used."""
+
+    __slots__ = ("is_open", "opening")
+
+    def __init__(self) -> None:
+        self.is_open = True
+        self.opening: asyncio.Future | None = None
+
+    def set(self) -> None:
+        self.is_open = True
+        if self.opening is not None and not self.opening.done():
+            self.opening.set_result(None)
+
+    def clear(self) -> None:
+        self.is_open = False
+
+    async def wait(self) -> None:
+        while not self.is_open:
+            self.opening = asyncio.get_running_loop().create_future()
+            await self.opening
 
 
 CLOSE_GRACE_SECONDS = 2
@@ -2568,6 +2672,9 @@ def main() -> None:
         build_app(settings, local),
         http=request_deadline_protocol(settings.request_timeout),
         ws=websocket_protocol(),
+        # Compression would hold zlib state of a few hundred KB on every browser's connection,
+        # to shrink messages of a few hundred bytes.
+        ws_per_message_deflate=False,
         timeout_graceful_shutdown=10,  # a client holding an export open cannot stall a restart
         log_config=None,  # our logging set-up above, with keys hidden
         log_level=settings.log_level.lower(),

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import requests
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 from conftest import API_KEY, WS_KEY, Server
@@ -501,6 +501,51 @@ def test_sensor_id_parameter_limits_the_stream(server):
         message = json.loads(live.recv(timeout=5))
 
     assert message["sensor_id"] == "only-me"
+
+
+def test_subscriber_that_sends_messages_keeps_its_stream(server):
+    with subscribe(server) as live:
+        live.send("hello")
+        live.send(b"\x00\x01")
+        post_reading(server, {"sensor_id": "chatty", "temperature": 3})
+        message = json.loads(live.recv(timeout=5))
+    server.stop()
+
+    assert message["sensor_id"] == "chatty"
+    assert "Exception" not in server.log()
+
+
+def test_live_stream_is_not_compressed_so_a_browser_connection_stays_small(server):
+    with ws_connect(
+        f"{server.ws_url}/ws/sensor_updates?api-key={WS_KEY}", compression="deflate"
+    ) as live:
+        extensions = live.response.headers.get("Sec-WebSocket-Extensions")
+
+    assert extensions is None
+
+
+def test_websocket_on_another_path_is_refused(server):
+    with pytest.raises(InvalidStatus) as refused:
+        ws_connect(f"{server.ws_url}/ws/elsewhere?api-key={WS_KEY}", open_timeout=5)
+
+    assert refused.value.response.status_code == 403
+
+
+def test_websocket_rate_limit_counts_the_forwarded_address_behind_a_trusted_proxy(make_server):
+    server = make_server(RATE_LIMIT="1/minute", FORWARDED_ALLOW_IPS="127.0.0.1")
+
+    def close_code(address: str) -> int | None:
+        with subscribe(server, additional_headers={"X-Forwarded-For": address}) as live:
+            try:
+                live.recv(timeout=0.5)
+            except TimeoutError:
+                return None  # still open
+            except ConnectionClosed as closed:
+                return closed.rcvd.code
+
+    codes = [close_code(address) for address in ("198.51.100.1", "198.51.100.2", "198.51.100.1")]
+
+    assert codes == [None, None, 1013]
 
 
 def test_connections_past_the_per_key_limit_are_refused_and_slots_free_on_close(make_server):

@@ -250,6 +250,7 @@ def test_description_lists_every_route_with_its_methods(server):
     routes = starlette_routes(app.load_settings({}))
 
     described = document["paths"]
+    assert app.LIVE_PATH in document["info"]["description"]  # served in front of the router
     for route in routes:
         if not isinstance(route, Route):  # a WebSocket: described in words, not as an operation
             assert route.path in document["info"]["description"]
