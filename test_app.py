@@ -953,6 +953,33 @@ def test_behind_a_trusted_proxy_the_rightmost_untrusted_hop_is_the_client(make_s
     assert "client=198.51.100.7" in server.log()
 
 
+def test_client_that_expects_100_continue_gets_it_before_sending_the_body(server):
+    body = b'{"sensor_id": "careful", "temperature": 20.5}'
+    head = (b"POST /api/v1/temperature_reading HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"X-API-Key: " + API_KEY.encode() + b"\r\nExpect: 100-continue\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")  # fmt: skip
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(head)
+        interim = sock.recv(1024)
+        sock.sendall(body)
+        final = sock.recv(1024)
+
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert final.startswith(b"HTTP/1.1 201 ")
+
+
+def test_head_request_on_a_kept_alive_connection_is_answered_at_once(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"HEAD /api/v1/ping HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        answer = sock.recv(1024)
+        sock.sendall(b"GET /api/v1/ping HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        again = sock.recv(1024)
+
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\n")
+    assert again.startswith(b"HTTP/1.1 200 ") and again.endswith(b'{"status":"ok"}')
+
+
 def test_client_that_trickles_its_headers_is_dropped(make_server):
     server = make_server(REQUEST_TIMEOUT="1")
 
