@@ -2238,10 +2238,11 @@ class Front:
     then logs one line (method, path, status, milliseconds, sensor, client address) and counts
     it for /metrics."""
 
-    def __init__(self, app: Starlette, ingest, trusted: tuple[IPNetwork, ...]) -> None:
+    def __init__(self, app: Starlette, ingest, trusted: tuple[IPNetwork, ...], log_line) -> None:
         self.app = app
         self.ingest = ingest
         self.trusted = trusted
+        self.log_line = log_line
         self.counted: dict[tuple[str, int], tuple] = {}
 
     async def __call__(self, scope, receive, send) -> None:
@@ -2267,7 +2268,7 @@ class Front:
             route = scope["path"] if ingest else getattr(scope.get("route"), "path", "unmatched")
             self.count(route, status, seconds)
             if log.isEnabledFor(logging.INFO):
-                log_request(scope, status, seconds)
+                self.log_line(request_line(scope, status, seconds))
 
     def count(self, route: str, status: int, seconds: float) -> None:
         counted = self.counted.get((route, status))
@@ -2278,30 +2279,27 @@ class Front:
         counted[1].observe(seconds)
 
 
-def log_request(scope, status: int, seconds: float) -> None:
+def request_line(scope, status: int, seconds: float) -> str:
     state = scope["state"]
-    log.info(
-        "%s %s %d %.1fms sensor=%s client=%s",
-        scope["method"],
-        printable(scope["path"]),
-        status,
-        seconds * 1000,
-        printable(state.get("sensor") or "-"),
-        state["client_ip"] or "-",
+    return (
+        f"{scope['method']} {printable(scope['path'])} {status} {seconds * 1000:.1f}ms"
+        f" sensor={printable(state.get('sensor') or '-')} client={state['client_ip'] or '-'}"
     )
 
 
 def printable(text: str) -> str:
     """What a client sent, made safe to log: no line breaks or control characters to forge
     log lines with, and not too long."""
-    return UNPRINTABLE.sub("?", text[:120])
+    text = text[:120]
+    return text if text.isascii() and text.isprintable() else UNPRINTABLE.sub("?", text)
 
 
 UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 
 
-def build_app(settings: Settings, local: SQLiteStore) -> Front:
-    """The application around an opened local store (main opens it, to fail early and clearly)."""
+def build_app(settings: Settings, local: SQLiteStore, log_line=log.info) -> Front:
+    """The application around an opened local store (main opens it, to fail early and clearly).
+    log_line writes a request's line at INFO."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
@@ -2371,7 +2369,7 @@ def build_app(settings: Settings, local: SQLiteStore) -> Front:
         exception_handlers={ApiError: api_error, HTTPException: http_error},
     )
     ingest = CORSMiddleware(Ingest(app), **cors) if cors else Ingest(app)
-    return Front(app, ingest, settings.trusted_proxies)
+    return Front(app, ingest, settings.trusted_proxies, log_line)
 
 
 def raw_error(status: str, error: str, detail: str) -> bytes:
@@ -2617,6 +2615,9 @@ class HideKeys(logging.Filter):
 KEY_IN_QUERY = re.compile(r"(api-key=)[^&\s\"']*", re.IGNORECASE)
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # as LineWriter.info_line
+
+
 class LineWriter(logging.Handler):
     """Formats each record where it is logged and writes the lines out together, a few times
     a second, from a thread of its own. A request's log line then costs the event loop a
@@ -2628,6 +2629,7 @@ class LineWriter(logging.Handler):
         self.stream = stream
         self.interval = interval
         self.lines: deque[str] = deque()  # append and popleft are safe across threads
+        self.second, self.second_text = 0, ""
         self.writing = threading.Lock()  # not the handler's own lock: emit must never wait
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self.run, name="sensorflow-log", daemon=True)
@@ -2638,6 +2640,19 @@ class LineWriter(logging.Handler):
             self.lines.append(self.format(record) + "\n")
         except Exception:
             self.handleError(record)
+        if self.stopped.is_set():
+            self.flush()
+
+    def info_line(self, message: str) -> None:
+        """An INFO line of ours, formatted as the records are but with no LogRecord made: the
+        one line per request adds up."""
+        now = time.time()
+        if int(now) != self.second:
+            self.second = int(now)
+            self.second_text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+        self.lines.append(
+            f"{self.second_text},{int(now % 1 * 1000):03d} INFO sensorflow: {message}\n"
+        )
         if self.stopped.is_set():
             self.flush()
 
@@ -2661,7 +2676,7 @@ class LineWriter(logging.Handler):
 
 def start_logging(level: str) -> LineWriter:
     output = LineWriter(sys.stderr)
-    output.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    output.setFormatter(logging.Formatter(LOG_FORMAT))
     logging.basicConfig(level=level, handlers=[output])
     return output
 
@@ -2707,7 +2722,7 @@ def main() -> None:
     raise_open_file_limit()
     gc.freeze()  # what start-up made lives as long as the server: spare the collector
     config = uvicorn.Config(
-        build_app(settings, local),
+        build_app(settings, local, log_lines.info_line),
         http=request_deadline_protocol(settings.request_timeout),
         ws=websocket_protocol(),
         # Compression would hold zlib state of a few hundred KB on every browser's connection,
