@@ -2423,7 +2423,7 @@ def request_deadline_protocol(timeout: float):
             self.reading_headers = False
             super().on_headers_complete()
             if self.cycle is not None and self.cycle.transport is self.transport:
-                self.cycle.transport = JoinedWrites(self.transport, self.cycle)
+                self.cycle.transport = JoinedWrites(self.transport, self.scope["method"])
 
         def on_message_complete(self) -> None:
             self.stop_deadline()
@@ -2457,26 +2457,25 @@ def request_deadline_protocol(timeout: float):
 
 
 class JoinedWrites:
-    """The connection as one response sees it: the status line and headers of a response with
-    a body wait for the body and leave with it, in one write() (one system call, one packet)
-    instead of two."""
+    """The connection as one response sees it: the status line and headers wait for the body
+    and leave with it, in one write() (one system call, one packet) instead of two. uvicorn
+    writes a body after the headers of every answer but one to HEAD, and closes the
+    connection if the application fails in between."""
 
-    __slots__ = ("transport", "cycle", "head", "head_seen")
+    __slots__ = ("transport", "hold", "head")
 
-    def __init__(self, transport, cycle) -> None:
+    def __init__(self, transport, method: str) -> None:
         self.transport = transport
-        self.cycle = cycle
+        self.hold = method != "HEAD"
         self.head: bytes | None = None
-        self.head_seen = False
 
     def write(self, data: bytes) -> None:
         if self.head is not None:
             data, self.head = self.head + data, None
-        elif self.cycle.response_started and not self.head_seen:  # (not "100 Continue")
-            self.head_seen = True
-            if self.cycle.expected_content_length > 0 and self.cycle.scope["method"] != "HEAD":
-                self.head = data  # a body follows: uvicorn writes it next
-                return
+        elif self.hold and not data.startswith(b"HTTP/1.1 100 "):  # 100 Continue: send now
+            self.hold = False
+            self.head = data
+            return
         self.transport.write(data)
 
     def close(self) -> None:
