@@ -519,6 +519,9 @@ class WriteResult:
     duplicates: list[Reading]
 
 
+LOCK_WAIT_SECONDS = 5  # for the write lock, while another connection holds it
+
+
 class SQLiteStore:
     """Readings in one SQLite file (WAL). Only the writer thread writes; reads use their own."""
 
@@ -539,12 +542,12 @@ class SQLiteStore:
         self.write_error: str | None = None
         self.commits = 0
 
-    def connect(self) -> sqlite3.Connection:
+    def connect(self, busy_ms: int = LOCK_WAIT_SECONDS * 1000) -> sqlite3.Connection:
         connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         connection.execute("PRAGMA journal_mode=WAL")
         # FULL syncs the WAL on every commit: an acknowledged reading survives a power cut.
         connection.execute("PRAGMA synchronous=FULL")
-        connection.execute("PRAGMA busy_timeout=5000")
+        connection.execute(f"PRAGMA busy_timeout={busy_ms}")
         return connection
 
     def connect_reader(self) -> sqlite3.Connection:
@@ -577,6 +580,7 @@ class SQLiteStore:
         ):
             self.sensor_fields[sensor_id] = set(filter(None, fields.split(",")))
             self.last_server_ms[sensor_id] = last_server_ms or 0
+        self.writer.execute("PRAGMA busy_timeout=0")  # waiting for the lock: see begin
         self.reader = self.connect_reader()
 
     def close(self) -> None:
@@ -584,16 +588,33 @@ class SQLiteStore:
             if connection is not None:
                 connection.close()
 
-    # Writing: called only from the writer thread.
+    # Writing: steps that wait (for the lock, for the disk) run on the writer thread, the rest
+    # on the event loop; the Writer runs one write at a time.
+
+    def begin_now(self) -> bool:
+        """Take the write lock if no other connection holds it: the usual case, and quick
+        enough for the event loop. False when another one holds it (then see begin)."""
+        return self.guard(self.take_write_lock)
 
     def begin(self) -> None:
-        """Take the write lock (this may wait for another connection, so not on the loop)."""
-        self.guard(self.begin_transaction)
+        """Take the write lock, waiting for another connection (the InfluxDB delivery, another
+        program) to let go of it. This waits, so it runs on the writer thread."""
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        while not self.begin_now():
+            if time.monotonic() > deadline:
+                raise StoreError("another program holds the database's write lock")
+            time.sleep(0.005)
 
-    def begin_transaction(self) -> None:
+    def take_write_lock(self) -> bool:
         if self.writer is None:
-            self.writer = self.connect()
-        self.writer.execute("BEGIN IMMEDIATE")
+            self.writer = self.connect(busy_ms=0)
+        try:
+            self.writer.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as error:
+            if error.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                raise
+            return False
+        return True
 
     def insert(self, jobs: list[list[Reading]]) -> list[WriteResult]:
         """Insert every job's readings; duplicates are skipped, not stored. Memory work on
@@ -723,13 +744,11 @@ class SQLiteStore:
 
     def probe(self) -> None:
         """Write one small row, to learn whether the store takes writes again."""
-        try:
-            if self.writer is None:
-                self.writer = self.connect()
-            self.writer.execute("INSERT OR REPLACE INTO meta VALUES ('probe', ?)", (time.time(),))
-        except sqlite3.Error as error:
-            self.fail(error)
-            raise StoreError(describe_store_error(error)) from error
+        self.begin()
+        self.guard(
+            self.writer.execute, "INSERT OR REPLACE INTO meta VALUES ('probe', ?)", (time.time(),)
+        )
+        self.guard(self.writer.execute, "COMMIT")
         self.write_error = None
 
     # Reading: called from the reader thread.
@@ -1303,7 +1322,8 @@ class Writer:
         between run here, so the two threads trade the GIL twice per commit, not at every row."""
         started = time.perf_counter()
         try:
-            await self.thread.run(self.store.begin)
+            if not self.store.begin_now():  # held by another connection: wait off the loop
+                await self.thread.run(self.store.begin)
             results = self.store.insert([readings for readings, _ in jobs])
             await self.thread.run(self.store.commit)
         except StoreError as error:

@@ -8,6 +8,7 @@ import os
 import re
 import resource
 import socket
+import sqlite3
 import stat
 import threading
 import time
@@ -951,6 +952,27 @@ def test_behind_a_trusted_proxy_the_rightmost_untrusted_hop_is_the_client(make_s
 
     assert answer.json()["client_ip"] == "198.51.100.7"
     assert "client=198.51.100.7" in server.log()
+
+
+def test_reading_waits_for_another_program_holding_the_write_lock_without_stalling_others(server):
+    post_reading(server, {"sensor_id": "first", "temperature": 1})
+    other = sqlite3.connect(server.db_path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(post_reading, server, {"sensor_id": "patient", "temperature": 2})
+        time.sleep(0.5)
+        started = time.monotonic()
+        ping = requests.get(server.url + "/api/v1/ping", timeout=10)
+        ping_seconds = time.monotonic() - started
+        was_waiting = not waiting.done()
+        other.execute("COMMIT")
+        answer = waiting.result(timeout=10)
+    other.close()
+
+    assert was_waiting
+    assert ping.status_code == 200 and ping_seconds < 0.5
+    assert answer.status_code == 201
 
 
 def test_client_that_expects_100_continue_gets_it_before_sending_the_body(server):
