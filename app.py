@@ -17,6 +17,8 @@ Routes:
 
 Settings come from the environment or a `.env` file; every one has a safe default (see README).
 The store is SQLite in WAL mode: one writer commits whatever has accumulated in one transaction.
+The two ingest routes and the live route are plain ASGI in front of Starlette: every reading and
+every subscriber takes them, so they skip the framework's routing and request objects.
 With INFLUX_HOST set, that SQLite file is a spool in front of InfluxDB 3, and reads ask InfluxDB.
 
 The file reads in the order a reading travels: settings, metrics, readings (parsing and
