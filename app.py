@@ -2510,6 +2510,9 @@ def request_deadline_protocol(timeout: float):
             self.deadline = None
             if self.transport.is_closing():
                 return
+            if self.flow.read_paused:  # we are not reading (a pipelined request waits its turn)
+                self.deadline = self.loop.call_later(timeout, self.too_slow)
+                return
             if self.reading_headers:
                 log.info("dropped a connection whose request headers took over %g s", timeout)
             elif self.cycle is not None and not self.cycle.response_started:

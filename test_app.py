@@ -1002,6 +1002,40 @@ def test_head_request_on_a_kept_alive_connection_is_answered_at_once(server):
     assert again.startswith(b"HTTP/1.1 200 ") and again.endswith(b'{"status":"ok"}')
 
 
+def test_pipelined_request_waiting_behind_a_slow_answer_is_not_timed_out(make_server):
+    server = make_server(REQUEST_TIMEOUT="1")
+    post_reading(server, {"sensor_id": "warm", "temperature": 1})
+    other = sqlite3.connect(server.db_path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # the first answer waits for this lock
+    first = keep_alive_request(b'{"sensor_id": "first", "temperature": 2}')
+    second = keep_alive_request(b'{"sensor_id": "second", "temperature": 3}')
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(first)
+        time.sleep(0.3)
+        sock.sendall(second[:-10])
+        time.sleep(0.3)
+        sock.sendall(second[-10:])
+        time.sleep(1.5)  # past REQUEST_TIMEOUT, while the first answer still waits
+        other.execute("COMMIT")
+        received = b""
+        while received.count(b"HTTP/1.1 201 ") < 2:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            received += chunk
+    other.close()
+
+    assert received.count(b"HTTP/1.1 201 ") == 2, received[:300]
+    assert b"408" not in received
+
+
+def keep_alive_request(body: bytes) -> bytes:
+    return (b"POST /api/v1/temperature_reading HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"X-API-Key: " + API_KEY.encode() + b"\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+
+
 def test_client_that_trickles_its_headers_is_dropped(make_server):
     server = make_server(REQUEST_TIMEOUT="1")
 
