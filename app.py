@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_plus
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from dotenv import load_dotenv
@@ -2668,16 +2668,27 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 
 class HideKeys(logging.Filter):
-    """uvicorn logs each WebSocket's path with its query string: hide the key in it."""
+    """Hides API keys in what libraries log: uvicorn logs each WebSocket's path with its query
+    string (where the key's name may even be percent-encoded), and at DEBUG the WebSocket
+    handshake logs the request headers."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if "api-key=" in message.lower():
-            record.msg, record.args = KEY_IN_QUERY.sub(r"\1[hidden]", message), ()
+        if "key" in message.lower() or "%" in message:
+            hidden = QUERY_PART.sub(hide_key_part, KEY_HEADER.sub(r"\1[hidden]", message))
+            if hidden != message:
+                record.msg, record.args = hidden, ()
         return True
 
 
-KEY_IN_QUERY = re.compile(r"(api-key=)[^&\s\"']*", re.IGNORECASE)
+QUERY_PART = re.compile(r"([?&])([^=&\s\"']*)=([^&\s\"']*)")
+KEY_HEADER = re.compile(r"(x-api-key:\s*)\S+", re.IGNORECASE)
+
+
+def hide_key_part(part: re.Match) -> str:
+    if unquote_plus(part[2]).strip().lower() == "api-key":
+        return f"{part[1]}{part[2]}=[hidden]"
+    return part[0]
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # as LineWriter.info_line
@@ -2742,6 +2753,7 @@ class LineWriter(logging.Handler):
 def start_logging(level: str) -> LineWriter:
     output = LineWriter(sys.stderr)
     output.setFormatter(logging.Formatter(LOG_FORMAT))
+    output.addFilter(HideKeys())
     logging.basicConfig(level=level, handlers=[output])
     return output
 
@@ -2772,7 +2784,6 @@ def main() -> None:
     except SettingsError as error:
         sys.exit(f"SensorFlow cannot start: {error}")
     log_lines = start_logging(settings.log_level)
-    logging.getLogger("uvicorn.error").addFilter(HideKeys())
     # One line per request is logged: skip the record fields the format never shows.
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     try:

@@ -226,10 +226,15 @@ def test_key_never_appears_in_the_log(make_server):
         pass
     with subscribe(server, key="wrong-ws-key-xyz"):
         pass
+    with subscribe(server, key=None, additional_headers={"X-API-Key": WS_KEY}):
+        pass
+    with ws_connect(f"{server.ws_url}/ws/sensor_updates?api%2Dkey={WS_KEY}", open_timeout=5):
+        pass
     server.stop()
 
     text = server.log()
     assert "WebSocket /ws/sensor_updates?api-key=[hidden]" in text
+    assert "api%2Dkey=[hidden]" in text
     assert WS_KEY not in text and "wrong-ws-key-xyz" not in text
     assert "POST /api/v1/temperature_reading 201" in text
     assert "sensor=log-1" in text and "client=127.0.0.1" in text
