@@ -542,6 +542,7 @@ class SQLiteStore:
         self.sensor_fields: dict[str, set[str]] = {}
         self.last_server_ms: dict[str, int] = {}
         self.write_error: str | None = None
+        self.locked_since: float | None = None  # when the write lock was found held, if it is
         self.commits = 0
 
     def connect(self, busy_ms: int = LOCK_WAIT_SECONDS * 1000) -> sqlite3.Connection:
@@ -600,12 +601,16 @@ class SQLiteStore:
 
     def begin(self) -> None:
         """Take the write lock, waiting for another connection (the InfluxDB delivery, another
-        program) to let go of it. This waits, so it runs on the writer thread."""
-        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        program) to let go of it, up to LOCK_WAIT_SECONDS from when it was first found held:
+        writes queued meanwhile do not each wait anew. Waits, so it runs on the writer thread."""
+        if self.locked_since is None:
+            self.locked_since = time.monotonic()
         while not self.begin_now():
-            if time.monotonic() > deadline:
-                raise StoreError("another program holds the database's write lock")
+            if time.monotonic() - self.locked_since > LOCK_WAIT_SECONDS:
+                self.write_error = "another program holds the database's write lock"
+                raise StoreError(self.write_error)
             time.sleep(0.005)
+        self.locked_since = None
 
     def take_write_lock(self) -> bool:
         if self.writer is None:

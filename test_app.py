@@ -980,6 +980,35 @@ def test_reading_waits_for_another_program_holding_the_write_lock_without_stalli
     assert answer.status_code == 201
 
 
+def test_write_lock_held_too_long_by_another_program_gives_503_within_5_s_and_health_says_why(
+    server,
+):
+    post_reading(server, {"sensor_id": "first", "temperature": 1})
+    other = sqlite3.connect(server.db_path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+
+    def timed_post(sensor_id: str) -> tuple[int, float, dict]:
+        started = time.monotonic()
+        answer = post_reading(server, {"sensor_id": sensor_id, "temperature": 2})
+        return answer.status_code, time.monotonic() - started, answer.json()
+
+    with ThreadPoolExecutor(2) as pool:
+        early = pool.submit(timed_post, "early")
+        time.sleep(3)
+        late = pool.submit(timed_post, "late")
+        results = [early.result(timeout=20), late.result(timeout=20)]
+    health = requests.get(server.url + "/api/v1/health", timeout=10)
+    other.execute("COMMIT")
+    other.close()
+    after = post_reading(server, {"sensor_id": "after", "temperature": 3})
+
+    assert [status for status, _, _ in results] == [503, 503]
+    assert results[0][1] < 6.5 and results[1][1] < 3.5  # the late one does not wait 5 s anew
+    assert "write lock" in results[0][2]["detail"]
+    assert health.status_code == 503 and "write lock" in health.json()["store"]["detail"]
+    assert after.status_code == 201
+
+
 def test_client_that_expects_100_continue_gets_it_before_sending_the_body(server):
     body = b'{"sensor_id": "careful", "temperature": 20.5}'
     head = (b"POST /api/v1/temperature_reading HTTP/1.1\r\nHost: 127.0.0.1\r\n"
