@@ -40,6 +40,7 @@ import queue
 import re
 import resource
 import secrets
+import signal
 import socket
 import sqlite3
 import sys
@@ -2820,9 +2821,23 @@ def main() -> None:
         sock = listening_socket(settings.host, settings.port)
     except OSError as error:
         sys.exit(f"SensorFlow cannot listen on {settings.host}:{settings.port}: {error}")
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, end_by_signal(log_lines))
     uvicorn.Server(config).run(sockets=[sock])
     lock.close()
     log_lines.close()
+
+
+def end_by_signal(log_lines: LineWriter):
+    """After a graceful stop uvicorn raises the signal that stopped it again, to end the
+    process the way the signal would: write out the last log lines first."""
+
+    def handler(number: int, frame) -> None:
+        log_lines.close()
+        signal.signal(number, signal.SIG_DFL)
+        signal.raise_signal(number)
+
+    return handler
 
 
 if __name__ == "__main__":

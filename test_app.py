@@ -233,6 +233,7 @@ def test_key_never_appears_in_the_log(make_server):
     server.stop()
 
     text = server.log()
+    assert text.rstrip().endswith(f"Finished server process [{server.process.pid}]")
     assert "WebSocket /ws/sensor_updates?api-key=[hidden]" in text
     assert "api%2Dkey=[hidden]" in text
     assert WS_KEY not in text and "wrong-ws-key-xyz" not in text
