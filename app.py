@@ -2661,6 +2661,7 @@ class Gate:
 
 
 CLOSE_GRACE_SECONDS = 2
+MAX_SUBSCRIBER_MESSAGE = 4096  # subscribers have nothing to send: buffer little for them
 SOCKET_SEND_BUFFER = 128 * 1024
 
 
@@ -2810,6 +2811,7 @@ def main() -> None:
         # Compression would hold zlib state of a few hundred KB on every browser's connection,
         # to shrink messages of a few hundred bytes.
         ws_per_message_deflate=False,
+        ws_max_size=MAX_SUBSCRIBER_MESSAGE,
         timeout_graceful_shutdown=10,  # a client holding an export open cannot stall a restart
         log_config=None,  # our logging set-up above, with keys hidden
         log_level=settings.log_level.lower(),

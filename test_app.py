@@ -531,6 +531,15 @@ def test_live_stream_is_not_compressed_so_a_browser_connection_stays_small(serve
     assert extensions is None
 
 
+def test_subscriber_sending_a_large_message_is_cut_off(server):
+    with subscribe(server) as live:
+        live.send("x" * 10_000)
+        with pytest.raises(ConnectionClosed) as closed:
+            live.recv(timeout=5)
+
+    assert closed.value.rcvd.code == 1009
+
+
 def test_websocket_on_another_path_is_refused(server):
     with pytest.raises(InvalidStatus) as refused:
         ws_connect(f"{server.ws_url}/ws/elsewhere?api-key={WS_KEY}", open_timeout=5)
