@@ -1665,9 +1665,8 @@ async def post_batch(post: Post) -> tuple[int, dict]:
         except ReadingError as error:
             problems.append({"index": index, "field": error.field, "message": error.message})
     if problems:
-        # The first few are enough to fix the firmware, and keep the answer under 1 KB.
         counted = f"{len(problems)} invalid reading{'s' if len(problems) > 1 else ''}"
-        raise ApiError(422, f"{counted}, none stored", problems[:8])
+        raise ApiError(422, f"{counted}, none stored", first_problems(problems))
 
     result = await post.commit(readings)
 
@@ -1678,6 +1677,21 @@ async def post_batch(post: Post) -> tuple[int, dict]:
         "clock": {"device": device, "server": len(readings) - device},
     }
     return 201 if result.stored or not result.duplicates else 200, body
+
+
+def first_problems(problems: list[dict]) -> list[dict]:
+    """As many of a batch's problems as keep the answer within a board's 1 KB receive buffer
+    (the first few are enough to fix the firmware)."""
+    listed, size = [problems[0]], len(json.dumps(problems[0], ensure_ascii=False).encode())
+    for problem in problems[1:]:
+        size += len(json.dumps(problem, ensure_ascii=False).encode()) + 1
+        if size > BATCH_PROBLEM_BYTES:
+            break
+        listed.append(problem)
+    return listed
+
+
+BATCH_PROBLEM_BYTES = 600  # the status line, headers and error text take the rest of 1 KB
 
 
 INGEST_ROUTES = {"/api/v1/temperature_reading": post_reading, "/api/v1/readings": post_batch}

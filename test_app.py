@@ -697,6 +697,23 @@ def test_batch_with_one_bad_reading_stores_nothing_and_names_its_index(server):
     assert stored_count(server) == 0
 
 
+@pytest.mark.parametrize("bad", ["21.5 C", "\u2028" * 30, "\x01" * 30])
+def test_batch_of_many_bad_readings_is_answered_within_1_kb(server, bad):
+    batch = [{"sensor_id": "board-7", "temperature": bad, "timestamp": bad} for _ in range(40)]
+    body = json.dumps(batch).encode()
+    request = (b"POST /api/v1/readings HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: "
+               + API_KEY.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: "
+               + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)  # fmt: skip
+
+    answer = raw_request(server, request, read_size=4096)
+
+    assert answer.startswith(b"HTTP/1.1 422 ")
+    assert len(answer) <= 1024
+    detail = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert detail["error"] == "40 invalid readings, none stored"
+    assert detail["detail"][0]["index"] == 0
+
+
 def test_batch_over_max_batch_is_refused_with_413(make_server):
     server = make_server(MAX_BATCH="10")
 
