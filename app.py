@@ -1616,8 +1616,10 @@ class Post:
 def decode_json(body: bytes) -> object:
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, ValueError) as error:
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ApiError(400, "malformed JSON", str(error)[:120]) from None
+    except ValueError:  # Python's guard against integers of thousands of digits
+        raise ApiError(400, "malformed JSON", "a number has too many digits") from None
     except RecursionError:
         raise ApiError(400, "malformed JSON", "nested too deeply") from None
 

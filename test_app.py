@@ -714,6 +714,15 @@ def test_batch_of_many_bad_readings_is_answered_within_1_kb(server, bad):
     assert detail["detail"][0]["index"] == 0
 
 
+def test_number_with_thousands_of_digits_is_refused_with_400(server):
+    body = b'{"sensor_id": "long", "temperature": ' + b"9" * 5000 + b"}"
+
+    answer = server.post("/api/v1/temperature_reading", data=body)
+
+    assert answer.status_code == 400
+    assert answer.json() == {"error": "malformed JSON", "detail": "a number has too many digits"}
+
+
 def test_batch_over_max_batch_is_refused_with_413(make_server):
     server = make_server(MAX_BATCH="10")
 
