@@ -1559,7 +1559,7 @@ class Post:
     """What the ingest routes need of a request, read straight from the ASGI scope: every
     reading takes this path, so it skips Starlette's routing, Request and Response."""
 
-    __slots__ = ("state", "receive", "client_ip", "headers", "sensor")
+    __slots__ = ("state", "receive", "client_ip", "headers", "sensor", "body_read")
 
     def __init__(self, state, scope, receive) -> None:
         self.state = state
@@ -1569,6 +1569,7 @@ class Post:
         for name, value in scope["headers"]:
             self.headers.setdefault(name, value.decode("latin-1"))  # the first one counts
         self.sensor: str | None = None  # for the log line
+        self.body_read = False
 
     async def body(self) -> bytes:
         """The request body, refused with 413 as soon as it is known to be over the limit. (A
@@ -1588,6 +1589,7 @@ class Post:
                 raise ApiError(413, "body too large", f"at most {limit} bytes")
             chunks.append(chunk)
             if not message.get("more_body", False):
+                self.body_read = True
                 return b"".join(chunks)
 
     async def payload(self) -> object:
@@ -1715,6 +1717,8 @@ class Ingest:
         except ApiError as error:
             REJECTED.labels(REJECT_REASONS.get(error.status, str(error.status))).inc()
             status, content, headers = error.status, error.content(), error.response_headers()
+            if b"expect" in post.headers and not post.body_read:
+                headers["Connection"] = "close"  # it may still send the body it was not asked for
         scope["state"]["sensor"] = post.sensor
         await send_json(send, status, content, headers)
 

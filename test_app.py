@@ -1061,6 +1061,17 @@ def test_client_that_expects_100_continue_gets_it_before_sending_the_body(server
     assert final.startswith(b"HTTP/1.1 201 ")
 
 
+def test_client_that_expects_100_continue_and_is_refused_is_told_the_connection_closes(server):
+    head = (b"POST /api/v1/temperature_reading HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"X-API-Key: wrong-key\r\nExpect: 100-continue\r\n"
+            b"Content-Length: 38\r\n\r\n")  # fmt: skip
+
+    answer = raw_request(server, head)
+
+    assert answer.startswith(b"HTTP/1.1 401 ")
+    assert b"\r\nconnection: close\r\n" in answer.lower()
+
+
 def test_head_request_on_a_kept_alive_connection_is_answered_at_once(server):
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
         sock.sendall(b"HEAD /api/v1/ping HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
