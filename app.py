@@ -2071,7 +2071,7 @@ COUNT = {"type": "integer", "minimum": 0}
 TEXT = {"type": "string"}
 OBJECT = {"type": "object"}
 ERRORS = {
-    400: "malformed JSON or form, or a body of the wrong shape",
+    400: "a request that cannot be read: malformed HTTP, JSON or form, or a body of a wrong shape",
     401: "missing or wrong API key",
     404: "no reading from this sensor",
     408: "the body did not arrive within REQUEST_TIMEOUT",
@@ -2117,7 +2117,7 @@ def answer(description: str, schema: dict = TEXT, media: str = "application/json
 def operation(method: str, summary: str, ok: dict, errors=(), key=True, **extra) -> dict:
     """One method of a path: its successful answers, then the errors it can give."""
     responses = {**ok}
-    for status in (*errors, 401, 429) if key else errors:
+    for status in (400, *errors, 401, 429) if key else (400, *errors):
         responses[str(status)] = answer(ERRORS[status], ref("Error"))
     if key:
         retry = {"required": True, "schema": {"type": "integer", "minimum": 1}}
@@ -2472,6 +2472,9 @@ MAX_HEADER_BYTES = 64 * 1024
 HEADERS_TOO_LARGE = raw_error(
     "431 Request Header Fields Too Large", "request headers too large", "at most 64 KiB"
 )
+UNREADABLE_REQUEST = raw_error(
+    "400 Bad Request", "malformed HTTP request", "the request line or headers cannot be parsed"
+)
 BODY_TOO_SLOW = raw_error(
     "408 Request Timeout", "body too slow", "send the whole request within REQUEST_TIMEOUT"
 )
@@ -2507,6 +2510,11 @@ def request_deadline_protocol(timeout: float):
                     self.stop_deadline()
                     self.transport.write(HEADERS_TOO_LARGE)
                     self.transport.close()
+
+        def send_400_response(self, message: str) -> None:
+            self.stop_deadline()
+            self.transport.write(UNREADABLE_REQUEST)  # JSON like every other error
+            self.transport.close()
 
         def on_headers_complete(self) -> None:
             self.reading_headers = False

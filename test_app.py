@@ -1117,6 +1117,15 @@ def keep_alive_request(body: bytes) -> bytes:
             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
 
 
+def test_unparseable_request_gets_a_json_400(server):
+    answer = raw_request(server, b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: W\r\n\r\n")
+
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert b"content-type: application/json" in head.lower()
+    assert json.loads(body)["error"] == "malformed HTTP request"
+
+
 def test_client_that_trickles_its_headers_is_dropped(make_server):
     server = make_server(REQUEST_TIMEOUT="1")
 
