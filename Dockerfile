@@ -22,7 +22,7 @@ RUN groupadd --system --gid 10001 sensorflow \
     && mkdir /data \
     && chown sensorflow:sensorflow /data
 
-COPY app.py dashboard.html ./
+COPY app.py dashboard.html docs.html ./
 
 USER sensorflow
 VOLUME ["/data"]

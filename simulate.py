@@ -31,7 +31,6 @@ from urllib.parse import urlsplit
 
 from dotenv import load_dotenv
 
-DEFAULT_URL = f"http://127.0.0.1:{os.environ.get('PORT') or 8000}"  # the server's own PORT
 READING_PATH = "/api/v1/temperature_reading"
 BATCH_PATH = "/api/v1/readings"
 TIMEOUT_SECONDS = 10
@@ -44,11 +43,15 @@ ERROR_CODE = -999.0  # what many sensor drivers report instead of a value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    load_dotenv(".env")  # the server's own settings; never overrides the environment
+    default_url = f"http://127.0.0.1:{os.environ.get('PORT') or 8000}"
     parser = argparse.ArgumentParser(description="Post simulated sensor readings.")
-    parser.add_argument("--url", default=DEFAULT_URL, help=f"server (default {DEFAULT_URL})")
+    parser.add_argument("--url", default=default_url, help=f"server (default {default_url})")
     parser.add_argument("--key", help="API key (default: API_KEY, .env, sensorflow.db.key)")
     parser.add_argument("--sensors", type=int, default=3, help="virtual boards (default 3)")
-    parser.add_argument("--interval", type=float, default=5.0, help="seconds between readings")
+    parser.add_argument(
+        "--interval", type=float, default=5.0, help="seconds between readings (default 5)"
+    )
     parser.add_argument(
         "--bad-fraction", type=float, default=0.0, help="share of bad readings, 0 to 1"
     )
@@ -80,7 +83,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def find_key() -> str | None:
     """The first key from API_KEY (environment or .env), else the server's key file."""
-    load_dotenv(".env")  # never overrides the environment
     keys = os.environ.get("API_KEY", "")
     if keys.strip():
         return keys.split(",")[0].strip()

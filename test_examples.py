@@ -196,6 +196,17 @@ def test_simulator_bad_readings_are_refused_and_good_ones_stored(server):
             assert 950 < r["pressure"] < 1080 and not math.isnan(r["temperature"])
 
 
+def test_simulator_finds_the_server_and_key_in_the_env_file(server, tmp_path):
+    (tmp_path / ".env").write_text(f"HOST=127.0.0.1\nPORT={server.port}\nAPI_KEY={API_KEY}\n")
+    env = {"PATH": os.environ["PATH"]}
+
+    result = simulate("--sensors", "1", "--count", "1", cwd=tmp_path, env=env)
+
+    assert result.returncode == 0, result.stderr
+    assert f"http://127.0.0.1:{server.port}" in result.stdout
+    assert read_tally(result.stdout)["stored"] == 1
+
+
 def test_simulator_buffers_readings_during_an_outage_and_the_batch_lands(server):
     # Rounds are scheduled at 0, 0.25 ... 1.75 s; the link is down for those at 1.0, 1.25, 1.5.
     result = simulate(

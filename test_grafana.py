@@ -522,9 +522,24 @@ def test_image_runs_the_server_from_slim_python_as_an_unprivileged_user():
     )
     assert values["EXPOSE"] == "8000"
     assert json.loads(values["CMD"]) == ["python", "app.py"]
-    assert ("COPY", "app.py dashboard.html ./") in instructions
+    assert ("COPY", "app.py dashboard.html docs.html ./") in instructions
     assert "SQLITE_PATH=/data/sensorflow.db" in values["ENV"]
     assert json.loads(values["VOLUME"]) == ["/data"]
+
+
+def test_image_holds_every_file_the_server_serves():
+    served = set(re.findall(r'HERE / "([^"]+)"', (HERE / "app.py").read_text()))
+    copied = {
+        name
+        for instruction, value in dockerfile_instructions()
+        if instruction == "COPY"
+        for name in value.split()[:-1]
+    }
+    ignore = (HERE / ".dockerignore").read_text().splitlines()
+    let_through = {line[1:] for line in ignore if line.startswith("!")}
+
+    assert served == {"dashboard.html", "docs.html"}
+    assert served <= copied and served <= let_through
 
 
 @pytest.mark.parametrize("source", ["Dockerfile", "compose.yaml"])
