@@ -152,7 +152,7 @@ def split_list(text: str) -> tuple[str, ...]:
 def read_bool(env: dict[str, str], name: str) -> bool:
     text = env.get(name, "").strip().lower()
     if text not in ("", "true", "false", "1", "0", "yes", "no"):
-        raise SettingsError(f"{name} must be true or false, got {text!r}")
+        raise SettingsError(f"{name} must be true or false (or yes/no, 1/0), got {text!r}")
     return text in ("true", "1", "yes")
 
 
@@ -320,6 +320,7 @@ REJECT_REASONS = {
     401: "unauthorized",
     408: "too_slow",
     413: "too_large",
+    405: "wrong_method",
     415: "unsupported_type",
     422: "invalid",
     429: "rate_limited",
