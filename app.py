@@ -32,6 +32,7 @@ import fcntl
 import functools
 import gc
 import hmac
+import itertools
 import json
 import logging
 import math
@@ -54,6 +55,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
+from operator import attrgetter
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote_plus
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -330,12 +332,14 @@ REJECT_REASONS = {
 
 # --- Readings ------------------------------------------------------------------------------
 
-SENSOR_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-ONLY_DOTS = re.compile(r"\.+$")  # "." and ".." cannot be written in a URL path
+# Not only dots: "." and ".." cannot be written in a URL path.
+SENSOR_ID = re.compile(r"(?!\.+\Z)[A-Za-z0-9_.:-]{1,64}")
+SENSOR_ID_LENGTH = 64
 PLAIN_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)")
 EARLIEST_DEVICE_MS = 1_577_836_800_000  # 2020-01-01T00:00:00Z: before it, the clock is unset
 FUTURE_SLACK_MS = 5 * 60 * 1000
 MILLISECONDS_FROM = 100_000_000_000  # a larger epoch number is in milliseconds, not seconds
+LARGEST_EPOCH = 10**15  # in milliseconds, the year 33658: a larger number is not a time
 
 
 class ApiError(Exception):
@@ -421,14 +425,9 @@ def format_timestamp(ms: int) -> str:
 
 def parse_number(field: str, value: object, bounds: FieldRange | None) -> float:
     """A JSON number or a plain decimal string, finite and within the field's range."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        kind = "null" if value is None else type(value).__name__
-        kind = {"bool": "a boolean", "dict": "an object", "list": "a list"}.get(kind, kind)
-        raise ReadingError(field, f"{field} must be a number, not {kind}")
-    if isinstance(value, str):
-        if not PLAIN_DECIMAL.fullmatch(value.strip()):
-            raise ReadingError(field, f"{field} must be a plain decimal number, got {value[:20]!r}")
-        value = value.strip()
+    # A JSON number, nearly every value, skips the type questions (a bool is not an int here).
+    if type(value) is not float and type(value) is not int:
+        value = convertible(field, value)
     try:
         number = float(value)
     except OverflowError:
@@ -440,8 +439,23 @@ def parse_number(field: str, value: object, bounds: FieldRange | None) -> float:
     return number + 0.0  # turns -0.0 into 0.0
 
 
+def convertible(field: str, value: object) -> int | float | str:
+    """A number or a plain decimal string (stripped) for float(); a boolean is refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        kind = "null" if value is None else type(value).__name__
+        kind = {"bool": "a boolean", "dict": "an object", "list": "a list"}.get(kind, kind)
+        raise ReadingError(field, f"{field} must be a number, not {kind}")
+    if isinstance(value, str):
+        if not PLAIN_DECIMAL.fullmatch(value.strip()):
+            raise ReadingError(field, f"{field} must be a plain decimal number, got {value[:20]!r}")
+        value = value.strip()
+    return value
+
+
 def parse_time(name: str, value: object) -> int:
     """An RFC 3339 string, or epoch seconds or milliseconds (told apart by size), as epoch ms."""
+    if type(value) is int and MILLISECONDS_FROM <= value <= LARGEST_EPOCH:
+        return value  # epoch ms, as most boards send it
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ReadingError(name, f"{name} must be an RFC 3339 string or epoch seconds/ms")
     if isinstance(value, str):
@@ -456,9 +470,15 @@ def parse_time(name: str, value: object) -> int:
             if moment.tzinfo is None:
                 raise ReadingError(name, f"{name} needs a time zone offset, such as Z")
             return round(moment.timestamp() * 1000)
-    if not abs(value) <= 1e15:  # also refuses NaN, and integers too large for a float
+    if not abs(value) <= LARGEST_EPOCH:  # also refuses NaN, and integers too large for a float
         raise ReadingError(name, f"{name} is not a usable epoch time")
     return round(value if abs(value) >= MILLISECONDS_FROM else value * 1000)
+
+
+@functools.lru_cache(maxsize=1024)
+def is_sensor_id(text: str) -> bool:
+    """Remembered, as the readings of a batch mostly share their sensor id."""
+    return SENSOR_ID.fullmatch(text) is not None
 
 
 def parse_reading(data: object, settings: Settings, client_ip: str, now_ms: int) -> Reading:
@@ -468,25 +488,27 @@ def parse_reading(data: object, settings: Settings, client_ip: str, now_ms: int)
     sensor_id = data.get("sensor_id")
     if sensor_id is None or sensor_id == "":
         raise ReadingError("sensor_id", "sensor_id is missing")
+    # Checking the length first keeps long strings out of is_sensor_id's memory.
     if (
         not isinstance(sensor_id, str)
-        or not SENSOR_ID.fullmatch(sensor_id)
-        or ONLY_DOTS.match(sensor_id)
+        or len(sensor_id) > SENSOR_ID_LENGTH
+        or not is_sensor_id(sensor_id)
     ):
         raise ReadingError("sensor_id", "sensor_id must be 1-64 letters, digits or _ - . :")
 
     values = {}
+    ranges = settings.ranges
     for field in settings.fields:
         if field in data:
-            values[field] = parse_number(field, data[field], settings.ranges.get(field))
+            values[field] = parse_number(field, data[field], ranges.get(field))
     if not values:
         raise ReadingError(
             "reading", f"a reading needs at least one of: {', '.join(settings.fields)}"
         )
 
-    ts_ms = None
-    if data.get("timestamp") is not None:
-        ts_ms = parse_time("timestamp", data["timestamp"])
+    ts_ms = data.get("timestamp")
+    if ts_ms is not None:
+        ts_ms = parse_time("timestamp", ts_ms)
         if not EARLIEST_DEVICE_MS <= ts_ms <= now_ms + FUTURE_SLACK_MS:
             ts_ms = None  # the board's clock is not set: the server's clock is used instead
     return Reading(sensor_id, values, ts_ms, client_ip)
@@ -513,6 +535,10 @@ class ServerClock:
 # --- Storage -------------------------------------------------------------------------------
 
 
+MAX_SQL_VARIABLES = 999  # per statement in SQLite before 3.32; later versions allow more
+SENSOR_OF = attrgetter("sensor_id")
+
+
 class StoreError(Exception):
     """The store cannot take writes; the client gets 503 and nothing is acknowledged."""
 
@@ -534,10 +560,14 @@ class SQLiteStore:
         self.fields = fields
         self.outbox = outbox  # in InfluxDB mode: what InfluxDB has not accepted yet
         self.columns = ", ".join(f'"{name}"' for name in fields)
+        width = 5 + len(fields)
+        placeholders = f"({', '.join('?' * width)})"
         self.insert_sql = (
             f"INSERT OR IGNORE INTO readings (id, sensor_id, ts_ms, device_clock, client_ip,"
-            f" {self.columns}) VALUES ({', '.join('?' * (5 + len(fields)))})"
+            f" {self.columns}) VALUES {placeholders}"
         )
+        self.rows_per_insert = max(1, MAX_SQL_VARIABLES // width)
+        self.insert_many_sql = self.insert_sql + f", {placeholders}" * (self.rows_per_insert - 1)
         self.writer: sqlite3.Connection | None = None
         self.reader: sqlite3.Connection | None = None
         self.next_id = 1
@@ -637,23 +667,22 @@ class SQLiteStore:
 
     def insert_rows(self, jobs: list[list[Reading]]) -> list[WriteResult]:
         first_id = self.next_id
-        rows = []
-        for job in jobs:
-            for reading in job:
-                reading.id = self.next_id
-                self.next_id += 1
-                rows.append(self.row(reading))
+        readings = [reading for job in jobs for reading in job]
+        for reading_id, reading in enumerate(readings, first_id):
+            reading.id = reading_id
+        self.next_id = first_id + len(readings)
         changes_before = self.writer.total_changes
-        self.writer.executemany(self.insert_sql, rows)
-        if self.writer.total_changes - changes_before == len(rows):
-            inserted = range(first_id, self.next_id)  # nothing was a duplicate
+        self.insert_all(readings)
+        if self.writer.total_changes - changes_before == len(readings):
+            results = [WriteResult(list(job), []) for job in jobs]  # nothing was a duplicate
+            stored = readings
         else:
             inserted = {
                 row[0]
                 for row in self.writer.execute("SELECT id FROM readings WHERE id >= ?", (first_id,))
             }
-        results = [self.sort_out(job, inserted) for job in jobs]
-        stored = [reading for result in results for reading in result.stored]
+            results = [self.sort_out(job, inserted) for job in jobs]
+            stored = [reading for result in results for reading in result.stored]
         self.update_sensors(stored)
         if self.outbox:
             spooled_ms = time.time_ns() // 1_000_000
@@ -676,18 +705,36 @@ class SQLiteStore:
             self.fail(error)
             raise StoreError(describe_store_error(error)) from error
 
-    def row(self, reading: Reading) -> tuple:
-        values = reading.values
-        return (
-            reading.id,
-            reading.sensor_id,
-            reading.ts_ms,
-            int(reading.device_clock),
-            reading.client_ip,
-            *[values.get(name) for name in self.fields],
-        )
+    def insert_all(self, readings: list[Reading]) -> None:
+        """Whole groups of rows in one INSERT each, the rest one by one: SQLite runs one
+        statement for many rows in less time than the same statement once per row."""
+        step = self.rows_per_insert
+        grouped = len(readings) - len(readings) % step
+        for start in range(0, grouped, step):
+            rows = self.parameters(readings[start : start + step])
+            self.writer.execute(self.insert_many_sql, rows)
+        self.writer.executemany(self.insert_sql, map(self.row, readings[grouped:]))
 
-    def sort_out(self, job: list[Reading], inserted: set[int] | range) -> WriteResult:
+    def row(self, reading: Reading) -> list:
+        return self.parameters([reading])
+
+    def parameters(self, readings: list[Reading]) -> list:
+        """The INSERT parameters of these readings, one row after the other."""
+        fields = self.fields
+        parameters = []
+        for reading in readings:
+            values = reading.values
+            parameters += (
+                reading.id,
+                reading.sensor_id,
+                reading.ts_ms,
+                int(reading.device_clock),
+                reading.client_ip,
+                *[values.get(name) for name in fields],
+            )
+        return parameters
+
+    def sort_out(self, job: list[Reading], inserted: set[int]) -> WriteResult:
         """Split a job into stored readings and duplicates of readings already stored."""
         result = WriteResult([], [])
         for reading in job:
@@ -713,33 +760,32 @@ class SQLiteStore:
             if cursor.rowcount == 1:
                 return
 
-    def update_sensors(self, readings: Iterable[Reading]) -> None:
-        summary: dict[str, list] = {}
-        for reading in readings:
-            entry = summary.setdefault(reading.sensor_id, [reading.ts_ms, reading.ts_ms, 0, 0])
-            entry[0] = min(entry[0], reading.ts_ms)
-            entry[1] = max(entry[1], reading.ts_ms)
-            entry[2] += 1
-            if not reading.device_clock:
-                entry[3] = max(entry[3], reading.ts_ms)
-            self.sensor_fields.setdefault(reading.sensor_id, set()).update(reading.values)
+    def update_sensors(self, readings: list[Reading]) -> None:
+        by_sensor: dict[str, list[Reading]] = {}
+        for sensor_id, run in itertools.groupby(readings, SENSOR_OF):  # a batch is one long run
+            by_sensor.setdefault(sensor_id, []).extend(run)
         self.writer.executemany(
             "INSERT INTO sensors VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(sensor_id) DO UPDATE SET"
             " first_ms = min(first_ms, excluded.first_ms),"
             " last_ms = max(last_ms, excluded.last_ms),"
             " count = count + excluded.count, fields = excluded.fields,"
             " last_server_ms = max(last_server_ms, excluded.last_server_ms)",
-            [
-                (
-                    sensor_id,
-                    first,
-                    last,
-                    count,
-                    ",".join(sorted(self.sensor_fields[sensor_id])),
-                    server,
-                )
-                for sensor_id, (first, last, count, server) in summary.items()
-            ],
+            [self.sensor_row(sensor_id, group) for sensor_id, group in by_sensor.items()],
+        )
+
+    def sensor_row(self, sensor_id: str, readings: list[Reading]) -> tuple:
+        """The sensors table's row for what these readings add: first, last, count, fields."""
+        times = [reading.ts_ms for reading in readings]
+        server_times = [reading.ts_ms for reading in readings if not reading.device_clock]
+        fields = self.sensor_fields.setdefault(sensor_id, set())
+        fields.update(*[reading.values for reading in readings])
+        return (
+            sensor_id,
+            min(times),
+            max(times),
+            len(times),
+            ",".join(sorted(fields)),
+            max(server_times, default=0),
         )
 
     def fail(self, error: sqlite3.Error) -> None:
@@ -1348,6 +1394,8 @@ class Writer:
             STORED.inc(len(result.stored))
             if not future.done():
                 future.set_result(result)
+        if not self.subscribers.live:
+            return  # not worth a loop over every reading
         for result in results:
             for reading in result.stored:
                 self.subscribers.publish(reading, self.zone)

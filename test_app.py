@@ -683,6 +683,20 @@ def test_batch_sent_twice_is_stored_once_and_streamed_once(server):
     assert [m["temperature"] for m in batch_messages] == [float(r["temperature"]) for r in batch]
 
 
+def test_batch_overlapping_a_stored_batch_stores_only_the_readings_not_yet_stored(server):
+    batch = device_batch(1000)
+    server.post("/api/v1/readings", json=batch[300:700])
+
+    answer = server.post("/api/v1/readings", json=batch)
+    history = server.get("/api/v1/sensor/batch-1/readings").json()["readings"]
+
+    assert answer.status_code == 201
+    assert answer.json()["stored"] == 600 and answer.json()["duplicates"] == 400
+    assert stored_count(server) == 1000
+    assert [r["temperature"] for r in history] == [float(r["temperature"]) for r in batch]
+    assert len({r["id"] for r in history}) == 1000
+
+
 def test_batch_with_one_bad_reading_stores_nothing_and_names_its_index(server):
     batch = device_batch(20)
     batch[7]["humidity"] = "NaN"
