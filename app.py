@@ -2548,7 +2548,8 @@ def request_deadline_protocol(timeout: float):
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self.start_deadline()
+            if self.deadline is None:  # (a connection's first request is timed from its start)
+                self.start_deadline()
 
         def data_received(self, data: bytes) -> None:
             was_reading_headers = self.reading_headers
