@@ -244,6 +244,9 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
     except (ZoneInfoNotFoundError, ValueError):
         raise SettingsError(f"TIMEZONE {zone_name!r} is not a known time zone") from None
 
+    for name in ("API_KEY", "API_KEY_WS"):
+        if env.get(name, "").strip() and not split_list(env[name]):
+            raise SettingsError(f"{name} holds no key, only commas and spaces")
     api_keys = split_list(env.get("API_KEY", ""))
     return Settings(
         host=env.get("HOST", "").strip() or "0.0.0.0",
@@ -270,6 +273,9 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         influx_measurement=env.get("INFLUX_MEASUREMENT", "").strip() or "sensor_readings",
         influx_write_timeout=read_int(env, "INFLUX_WRITE_TIMEOUT", 5),
     )
+
+
+SHORT_KEY = 16  # characters; a generated key has 48
 
 
 def ensure_api_key(settings: Settings) -> Settings:
@@ -2880,6 +2886,8 @@ def main() -> None:
     except (OSError, sqlite3.Error) as error:
         sys.exit(f"SensorFlow cannot use the database {settings.sqlite_path}: {error}")
     settings = ensure_api_key(settings)
+    if any(len(key) < SHORT_KEY for key in settings.api_keys + settings.ws_keys):
+        log.warning("an API key is shorter than %d characters: easy to guess", SHORT_KEY)
     raise_open_file_limit()
     gc.freeze()  # what start-up made lives as long as the server: spare the collector
     config = uvicorn.Config(

@@ -357,6 +357,14 @@ def test_unknown_sensor_latest_is_404(server):
 # --- Settings -------------------------------------------------------------------------------
 
 
+def test_short_api_key_gets_a_warning_that_does_not_show_it(make_server):
+    server = make_server(API_KEY="abc123", LOG_LEVEL="INFO")
+    server.stop()
+
+    assert "WARNING sensorflow: an API key is shorter than 16 characters" in server.log()
+    assert "abc123" not in server.log()
+
+
 def test_fields_and_ranges_are_settings(make_server):
     server = make_server(FIELDS="temperature,co2", FIELD_RANGES="co2:0:5000")
 
@@ -382,6 +390,7 @@ def test_fields_and_ranges_are_settings(make_server):
         ("METRICS_PUBLIC", "maybe"),
         ("INFLUX_HOST", "localhost:8181"),
         ("FORWARDED_ALLOW_IPS", "not-an-address"),
+        ("API_KEY", " , "),
     ],
 )
 def test_bad_setting_stops_the_server_with_a_clear_message(tmp_path, name, value):
