@@ -2559,13 +2559,21 @@ def request_deadline_protocol(timeout: float):
 
         def data_received(self, data: bytes) -> None:
             was_reading_headers = self.reading_headers
+            if was_reading_headers and self.header_bytes + len(data) > MAX_HEADER_BYTES:
+                end = data.find(b"\r\n\r\n")  # headers and body may come in one read
+                if end < 0 or self.header_bytes + end > MAX_HEADER_BYTES:
+                    return self.refuse_headers()
             super().data_received(data)
             if was_reading_headers and self.reading_headers:  # the headers are still coming
                 self.header_bytes += len(data)
-                if self.header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
-                    self.stop_deadline()
-                    self.transport.write(HEADERS_TOO_LARGE)
-                    self.transport.close()
+                if self.header_bytes > MAX_HEADER_BYTES:
+                    self.refuse_headers()
+
+        def refuse_headers(self) -> None:
+            if not self.transport.is_closing():
+                self.stop_deadline()
+                self.transport.write(HEADERS_TOO_LARGE)
+                self.transport.close()
 
         def send_400_response(self, message: str) -> None:
             self.stop_deadline()

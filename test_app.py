@@ -1336,6 +1336,18 @@ def test_headers_past_64_kib_are_refused_with_431(server):
     assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"] == "request headers too large"
 
 
+@pytest.mark.parametrize("size", [66_000, 100_000])
+def test_headers_past_64_kib_in_one_piece_are_refused_with_431(server, size):
+    request = b"GET /api/v1/ping HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * size
+    big_body = pico_request(b'{"sensor_id": "x", "temperature": 1}' + b" " * size)
+
+    answer = raw_request(server, request + b"\r\n\r\n")
+    allowed = raw_request(server, big_body)
+
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    assert allowed.startswith(b"HTTP/1.1 201 ")
+
+
 def test_a_second_server_on_the_same_database_refuses_to_start(server):
     second = Server(server.folder)
 
