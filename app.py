@@ -853,19 +853,32 @@ class SQLiteStore:
         """The sensor's readings in [start, end], in chunks so an export never sits in memory."""
         order = "DESC" if descending else "ASC"
         pending = PENDING if pending_only else ""
-        # A connection of its own: a long or abandoned export must not freeze what other
-        # reads see at the moment it started.
-        connection = self.connect_reader()
-        cursor = connection.execute(
-            self.select(
-                f"WHERE sensor_id = ? AND ts_ms BETWEEN ? AND ? {pending} ORDER BY ts_ms {order}"
-                " LIMIT ?"
-            ),
-            (sensor_id, start_ms, end_ms, limit),
+        query = self.select(
+            f"WHERE sensor_id = ? AND ts_ms BETWEEN ? AND ? {pending} ORDER BY ts_ms {order}"
+            " LIMIT ?"
         )
+        span = (start_ms, end_ms, limit, descending)
+        for rows in self.in_chunks(query, (sensor_id,), span, time_of=lambda row: row[2]):
+            yield [self.reading(row) for row in rows]
+
+    def in_chunks(self, query: str, first: tuple, span: tuple, time_of, width: int = 1):
+        """Rows of a query over [start, end], a chunk at a time, each chunk its own query from
+        where the last one stopped: a slow or abandoned export then holds no read snapshot,
+        which would keep SQLite from reusing its write-ahead log (it would grow without end)."""
+        start_ms, end_ms, limit, descending = span
+        connection = self.connect_reader()
         try:
-            while rows := cursor.fetchmany(HISTORY_CHUNK):
-                yield [self.reading(row) for row in rows]
+            while limit > 0:
+                chunk = (*first, start_ms, end_ms, min(limit, HISTORY_CHUNK))
+                rows = connection.execute(query, chunk).fetchall()
+                if not rows:
+                    return
+                yield rows
+                limit -= len(rows)
+                if descending:
+                    end_ms = time_of(rows[-1]) - 1
+                else:
+                    start_ms = time_of(rows[-1]) + width
         finally:
             connection.close()
 
@@ -884,18 +897,14 @@ class SQLiteStore:
         stats = ", ".join(f'count("{n}"), sum("{n}"), min("{n}"), max("{n}")' for n in self.fields)
         order = "DESC" if descending else "ASC"
         pending = PENDING if pending_only else ""
-        connection = self.connect_reader()
-        cursor = connection.execute(
+        query = (
             f"SELECT ts_ms / ? * ? AS bucket, count(*), {stats} FROM readings"
             f" WHERE sensor_id = ? AND ts_ms BETWEEN ? AND ? {pending}"
-            f" GROUP BY bucket ORDER BY bucket {order} LIMIT ?",
-            (every_ms, every_ms, sensor_id, start_ms, end_ms, limit),
+            f" GROUP BY bucket ORDER BY bucket {order} LIMIT ?"
         )
-        try:
-            while rows := cursor.fetchmany(HISTORY_CHUNK):
-                yield rows
-        finally:
-            connection.close()
+        span = (start_ms, end_ms, limit, descending)
+        first = (every_ms, every_ms, sensor_id)
+        yield from self.in_chunks(query, first, span, time_of=lambda row: row[0], width=every_ms)
 
     def sensors(self) -> list[tuple[str, int, int, int, list[str], Reading | None]]:
         rows = self.reader.execute(

@@ -862,6 +862,27 @@ def test_history_csv_of_100000_readings_streams_in_bounded_memory(big_server):
     assert max(samples) - idle < 50 * 1024
 
 
+def test_stalled_export_does_not_keep_the_write_ahead_log_growing(big_server):
+    wal = big_server.db_path.with_name(big_server.db_path.name + "-wal")
+    export = socket.socket()
+    export.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a board-sized window
+    export.connect(("127.0.0.1", big_server.port))
+    export.sendall(
+        f"GET /api/v1/sensor/big/readings?format=csv&limit=100000&start={big_server.start_ms}"
+        f" HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {API_KEY}\r\n\r\n".encode()
+    )
+    export.recv(1024)  # then the client stops reading
+
+    for batch in range(100):  # about 12 MB of write-ahead log if it could not be reused
+        readings = [{"sensor_id": "busy", "temperature": 20, "timestamp": big_server.start_ms
+                     + batch * 1000 + i} for i in range(1000)]  # fmt: skip
+        assert big_server.post("/api/v1/readings", json=readings).status_code == 201
+    wal_bytes = wal.stat().st_size
+    export.close()
+
+    assert wal_bytes < 6 * 1024 * 1024  # reused after each checkpoint of about 4 MB
+
+
 def test_history_json_matches_the_csv(big_server):
     params = {"start": big_server.start_ms / 1000, "limit": 100000, "order": "desc"}
 
