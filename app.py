@@ -648,7 +648,6 @@ class SQLiteStore:
                 self.write_error = "another program holds the database's write lock"
                 raise StoreError(self.write_error)
             time.sleep(0.005)
-        self.locked_since = None
 
     def take_write_lock(self) -> bool:
         if self.writer is None:
@@ -659,6 +658,7 @@ class SQLiteStore:
             if error.sqlite_errorcode != sqlite3.SQLITE_BUSY:
                 raise
             return False
+        self.locked_since = None
         return True
 
     def insert(self, jobs: list[list[Reading]]) -> list[WriteResult]:

@@ -1079,10 +1079,17 @@ def test_write_lock_held_too_long_by_another_program_gives_503_within_5_s_and_he
         results = [early.result(timeout=20), late.result(timeout=20)]
     health = requests.get(server.url + "/api/v1/health", timeout=10)
     other.execute("COMMIT")
-    other.close()
     after = post_reading(server, {"sensor_id": "after", "temperature": 3})
+    other.execute("BEGIN IMMEDIATE")  # a short hold later waits afresh
+    with ThreadPoolExecutor(1) as pool:
+        again = pool.submit(post_reading, server, {"sensor_id": "again", "temperature": 4})
+        time.sleep(0.5)
+        other.execute("COMMIT")
+        again = again.result(timeout=10)
+    other.close()
 
     assert [status for status, _, _ in results] == [503, 503]
+    assert again.status_code == 201
     assert results[0][1] < 6.5 and results[1][1] < 3.5  # the late one does not wait 5 s anew
     assert "write lock" in results[0][2]["detail"]
     assert health.status_code == 503 and "write lock" in health.json()["store"]["detail"]
