@@ -2790,11 +2790,14 @@ class HideKeys(logging.Filter):
 
 
 QUERY_PART = re.compile(r"([?&])([^=&\s\"']*)=([^&\s\"']*)")
-KEY_HEADER = re.compile(r"(x-api-key:\s*)\S+", re.IGNORECASE)
+KEY_HEADER = re.compile(
+    r"((?:x-api-key|authorization|cookie|sec-websocket-protocol):[ \t]*)[^\r\n]+", re.IGNORECASE
+)
 
 
 def hide_key_part(part: re.Match) -> str:
-    if unquote_plus(part[2]).strip().lower() == "api-key":
+    name = unquote_plus(part[2]).lower()
+    if "key" in name or "token" in name:  # also api_key and the like, refused but logged
         return f"{part[1]}{part[2]}=[hidden]"
     return part[0]
 

@@ -230,6 +230,11 @@ def test_key_never_appears_in_the_log(make_server):
         pass
     with ws_connect(f"{server.ws_url}/ws/sensor_updates?api%2Dkey={WS_KEY}", open_timeout=5):
         pass
+    with subscribe(server, key=None, additional_headers={"Authorization": f"Bearer {WS_KEY}"}):
+        pass
+    wrong_name = f"{server.ws_url}/ws/sensor_updates?api_key={WS_KEY}"
+    with pytest.raises(ConnectionClosed), ws_connect(wrong_name, open_timeout=5) as live:
+        live.recv(timeout=5)
     server.stop()
 
     text = server.log()
