@@ -2643,6 +2643,8 @@ class JoinedWrites:
         self.head: bytes | None = None
 
     def write(self, data: bytes) -> None:
+        if self.transport.is_closing():
+            return  # the client has gone (uvicorn marks only its newest request as disconnected)
         if self.head is not None:
             data, self.head = self.head + data, None
         elif self.hold and not data.startswith(b"HTTP/1.1 100 "):  # 100 Continue: send now

@@ -888,6 +888,22 @@ def test_stalled_export_does_not_keep_the_write_ahead_log_growing(big_server):
     assert wal_bytes < 6 * 1024 * 1024  # reused after each checkpoint of about 4 MB
 
 
+def test_client_closing_a_pipelined_export_midway_leaves_no_error(big_server):
+    export = (f"GET /api/v1/sensor/big/readings?format=csv&limit=100000&start="
+              f"{big_server.start_ms} HTTP/1.1\r\nHost: x\r\nX-API-Key: {API_KEY}\r\n\r\n"
+              "GET /api/v1/ping HTTP/1.1\r\nHost: x\r\n\r\n")  # fmt: skip
+
+    with socket.create_connection(("127.0.0.1", big_server.port), timeout=10) as sock:
+        sock.sendall(export.encode())
+        received = b""
+        while len(received) < 10_000:
+            received += sock.recv(4096)
+    time.sleep(1)
+
+    assert received.startswith(b"HTTP/1.1 200 ")
+    assert "Exception in ASGI application" not in big_server.log()
+
+
 def test_history_json_matches_the_csv(big_server):
     params = {"start": big_server.start_ms / 1000, "limit": 100000, "order": "desc"}
 
