@@ -1444,33 +1444,52 @@ IDLE_CHECK_SECONDS = 60
 # --- Live updates ---------------------------------------------------------------------------
 
 
-class Subscriber:
-    """One live WebSocket client with the messages waiting to be sent to it. A plain list and
-    a future made only while waiting keep an idle subscriber small (an asyncio.Queue costs
-    four deques)."""
+class Inbox:
+    """Messages waiting for one reader: a list and a future made only while the reader waits,
+    in place of an asyncio.Queue, which costs four deques (3 KB). A subscriber holds one for
+    what it is sent, and its WebSocket connection one for what it sends."""
 
-    __slots__ = ("waiting", "wakeup", "sensor_id", "key", "overflowed", "handler")
+    __slots__ = ("messages", "arrival")
+
+    def __init__(self) -> None:
+        self.messages: list = []
+        self.arrival: asyncio.Future | None = None
+
+    def put_nowait(self, message) -> None:
+        self.messages.append(message)
+        if self.arrival is not None and not self.arrival.done():
+            self.arrival.set_result(None)
+
+    def empty(self) -> bool:
+        return not self.messages
+
+    async def wait(self) -> None:
+        while not self.messages:
+            self.arrival = asyncio.get_running_loop().create_future()
+            await self.arrival
+
+    async def get(self):
+        await self.wait()
+        return self.messages.pop(0)
+
+    async def take_all(self) -> list:
+        """Every waiting message, waiting for one if there is none."""
+        await self.wait()
+        messages, self.messages = self.messages, []
+        return messages
+
+
+class Subscriber:
+    """One live WebSocket client with the messages waiting to be sent to it."""
+
+    __slots__ = ("inbox", "sensor_id", "key", "overflowed", "handler")
 
     def __init__(self, sensor_id: str | None, key: str) -> None:
-        self.waiting: list[str] = []
-        self.wakeup: asyncio.Future | None = None
+        self.inbox = Inbox()
         self.sensor_id = sensor_id
         self.key = key
         self.overflowed = False
         self.handler: asyncio.Task | None = None  # the task serving this subscriber
-
-    def add(self, message: str) -> None:
-        self.waiting.append(message)
-        if self.wakeup is not None and not self.wakeup.done():
-            self.wakeup.set_result(None)
-
-    async def take(self) -> list[str]:
-        """Every waiting message, waiting for one if there is none."""
-        while not self.waiting:
-            self.wakeup = asyncio.get_running_loop().create_future()
-            await self.wakeup
-        messages, self.waiting = self.waiting, []
-        return messages
 
 
 class Subscribers:
@@ -1502,8 +1521,8 @@ class Subscribers:
         for subscriber in list(self.live):
             if subscriber.sensor_id not in (None, reading.sensor_id):
                 continue
-            if len(subscriber.waiting) < self.queue_size:
-                subscriber.add(message)
+            if len(subscriber.inbox.messages) < self.queue_size:
+                subscriber.inbox.put_nowait(message)
             else:
                 DROPPED.inc()
                 self.leave(subscriber)
@@ -2048,7 +2067,7 @@ async def serve(subscriber: Subscriber, receive, send, subscribers: Subscribers)
 async def send_queued(send, subscriber: Subscriber) -> None:
     try:
         while True:
-            for message in await subscriber.take():
+            for message in await subscriber.inbox.take_all():
                 await send({"type": "websocket.send", "text": message})
     except (RuntimeError, OSError):  # the connection is closing or gone
         pass
@@ -2580,13 +2599,14 @@ def request_deadline_protocol(timeout: float):
 
         def refuse_headers(self) -> None:
             if not self.transport.is_closing():
-                self.stop_deadline()
-                self.transport.write(HEADERS_TOO_LARGE)
-                self.transport.close()
+                self.close_with(HEADERS_TOO_LARGE)
 
         def send_400_response(self, message: str) -> None:
+            self.close_with(UNREADABLE_REQUEST)  # JSON like every other error
+
+        def close_with(self, answer: bytes) -> None:
             self.stop_deadline()
-            self.transport.write(UNREADABLE_REQUEST)  # JSON like every other error
+            self.transport.write(answer)
             self.transport.close()
 
         def on_headers_complete(self) -> None:
@@ -2622,9 +2642,11 @@ def request_deadline_protocol(timeout: float):
                 return
             if self.reading_headers:
                 log.info("dropped a connection whose request headers took over %g s", timeout)
+                self.transport.close()
             elif self.cycle is not None and not self.cycle.response_started:
-                self.transport.write(BODY_TOO_SLOW)
-            self.transport.close()
+                self.close_with(BODY_TOO_SLOW)
+            else:
+                self.transport.close()
 
     return RequestDeadlineProtocol
 
@@ -2710,32 +2732,6 @@ def websocket_protocol():
             self.loop.call_later(CLOSE_GRACE_SECONDS, self.transport.abort)
 
     return CuttingWebSocketProtocol
-
-
-class Inbox:
-    """What a WebSocket client sent, waiting for the application to receive it: a list and a
-    future made only while the reader waits, in place of an asyncio.Queue, which costs four
-    deques (3 KB) on every connection. One reader at a time, as ASGI's receive is used."""
-
-    __slots__ = ("messages", "arrival")
-
-    def __init__(self) -> None:
-        self.messages: list = []
-        self.arrival: asyncio.Future | None = None
-
-    def put_nowait(self, message) -> None:
-        self.messages.append(message)
-        if self.arrival is not None and not self.arrival.done():
-            self.arrival.set_result(None)
-
-    def empty(self) -> bool:
-        return not self.messages
-
-    async def get(self):
-        while not self.messages:
-            self.arrival = asyncio.get_running_loop().create_future()
-            await self.arrival
-        return self.messages.pop(0)
 
 
 class Gate:
@@ -2826,11 +2822,9 @@ class LineWriter(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.lines.append(self.format(record) + "\n")
+            self.add(self.format(record))
         except Exception:
             self.handleError(record)
-        if self.stopped.is_set():
-            self.flush()
 
     def info_line(self, message: str) -> None:
         """An INFO line of ours, formatted as the records are but with no LogRecord made: the
@@ -2839,10 +2833,11 @@ class LineWriter(logging.Handler):
         if int(now) != self.second:
             self.second = int(now)
             self.second_text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
-        self.lines.append(
-            f"{self.second_text},{int(now % 1 * 1000):03d} INFO sensorflow: {message}\n"
-        )
-        if self.stopped.is_set():
+        self.add(f"{self.second_text},{int(now % 1 * 1000):03d} INFO sensorflow: {message}")
+
+    def add(self, line: str) -> None:
+        self.lines.append(line + "\n")
+        if self.stopped.is_set():  # no thread to write it any more
             self.flush()
 
     def run(self) -> None:
