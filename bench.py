@@ -232,9 +232,14 @@ def base_env() -> dict[str, str]:
     return {"PATH": os.environ.get("PATH", ""), "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1"}
 
 
+def this_script(*arguments: object) -> list[str]:
+    """The command running this script again, in one of its helper roles."""
+    return [sys.executable, str(Path(__file__).resolve()), *map(str, arguments)]
+
+
 def bare_server(folder: Path) -> Server:
     port = free_port()
-    command = [sys.executable, str(Path(__file__).resolve()), "--bare-server", str(port)]
+    command = this_script("--bare-server", port)
     return Server("bare", command, port, folder, base_env())
 
 
@@ -516,22 +521,10 @@ def run_loader(
     total: int = 0,
     tag: str = "bench-p",
 ) -> dict:
-    command = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--load",
-        str(port),
-        "--connections",
-        str(connections),
-        "--duration",
-        str(duration),
-        "--kind",
-        kind,
-        "--total",
-        str(total),
-        "--tag",
-        tag,
-    ] + (["--close"] if close else [])
+    command = this_script(
+        *("--load", port, "--connections", connections, "--duration", duration),
+        *("--kind", kind, "--total", total, "--tag", tag),
+    ) + (["--close"] if close else [])
     env = base_env() | {"BENCH_API_KEY": key}
     process = spawn(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -663,16 +656,7 @@ class Subscribers:
     """The subscriber process, driven over its stdin and stdout."""
 
     def __init__(self, port: int, key: str, count: int, out: Path) -> None:
-        command = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--subscribe",
-            str(port),
-            "--subscribers",
-            str(count),
-            "--out",
-            str(out),
-        ]
+        command = this_script("--subscribe", port, "--subscribers", count, "--out", out)
         self.out = out
         self.process = spawn(
             command,
