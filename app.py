@@ -1711,7 +1711,6 @@ def decode_json(body: bytes) -> object:
 
 async def post_reading(post: Post) -> tuple[int, dict]:
     """Store one reading. 201 with the stored reading; 200 when it was already stored."""
-    check_key(post.state, post.client_ip, post.headers.get(b"x-api-key"))
     settings = post.state.settings
     data = await post.payload()
     if not isinstance(data, dict):
@@ -1732,7 +1731,6 @@ async def post_reading(post: Post) -> tuple[int, dict]:
 
 async def post_batch(post: Post) -> tuple[int, dict]:
     """Store a batch: all readings are valid and stored in one transaction, or none is."""
-    check_key(post.state, post.client_ip, post.headers.get(b"x-api-key"))
     settings = post.state.settings
     data = await post.payload()
     if isinstance(data, dict) and isinstance(data.get("readings"), list):
@@ -1785,7 +1783,8 @@ INGEST_ROUTES = {"/api/v1/temperature_reading": post_reading, "/api/v1/readings"
 
 
 class Ingest:
-    """The ingest routes as a plain ASGI app (see Post), answering every error as JSON."""
+    """The ingest routes as a plain ASGI app (see Post): POST with an API key, and every error
+    answered as JSON."""
 
     def __init__(self, app: Starlette) -> None:
         self.app = app  # its state, filled in at start-up
@@ -1796,6 +1795,7 @@ class Ingest:
         try:
             if scope["method"] != "POST":
                 raise ApiError(405, "Method Not Allowed", None, {"Allow": "POST"})
+            check_key(post.state, post.client_ip, post.headers.get(b"x-api-key"))
             status, content = await INGEST_ROUTES[scope["path"]](post)
         except ApiError as error:
             REJECTED.labels(REJECT_REASONS.get(error.status, str(error.status))).inc()
