@@ -2159,7 +2159,7 @@ ERRORS = {
     404: "no reading from this sensor",
     408: "the body did not arrive within REQUEST_TIMEOUT",
     413: "body over MAX_BODY_BYTES, or a batch over MAX_BATCH readings",
-    415: "a content type other than JSON or form",
+    415: "a content type other than JSON, text/plain or form",
     422: "invalid: detail names the field, the readings or the query parameter",
     429: "too many requests (RATE_LIMIT); the Retry-After header says when to retry",
     503: "the store cannot write; nothing was stored",
