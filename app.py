@@ -1802,7 +1802,7 @@ class Ingest:
             status, content, headers = error.status, error.content(), error.response_headers()
             if b"expect" in post.headers and not post.body_read:
                 headers["Connection"] = "close"  # it may still send the body it was not asked for
-        scope["state"]["sensor"] = post.sensor
+        scope["state"]["sensor"], scope["state"]["status"] = post.sensor, status
         await send_json(send, status, content, headers)
 
 
@@ -2410,9 +2410,12 @@ class Front:
     then logs one line (method, path, status, milliseconds, sensor, client address) and counts
     it for /metrics."""
 
-    def __init__(self, app: Starlette, ingest, trusted: tuple[IPNetwork, ...], log_line) -> None:
+    def __init__(
+        self, app: Starlette, ingest, cors: bool, trusted: tuple[IPNetwork, ...], log_line
+    ) -> None:
         self.app = app
         self.ingest = ingest
+        self.ingest_notes_status = not cors  # CORS answers preflight requests on its own
         self.trusted = trusted
         self.log_line = log_line
         self.counted: dict[tuple[str, int], tuple] = {}
@@ -2422,25 +2425,28 @@ class Front:
             return await live_updates(scope, receive, send, self.app.state)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        scope.setdefault("state", {})["client_ip"] = client_address(scope, self.trusted)
+        state = scope.setdefault("state", {})
+        state["client_ip"] = client_address(scope, self.trusted)
+        state["status"] = 500
         started = time.perf_counter()
-        status = 500
 
         async def send_and_note(message) -> None:
-            nonlocal status
             if message["type"] == "http.response.start":
-                status = message["status"]
+                state["status"] = message["status"]
             await send(message)
 
         ingest = scope["path"] in INGEST_ROUTES
         try:
-            await (self.ingest if ingest else self.app)(scope, receive, send_and_note)
+            if ingest and self.ingest_notes_status:
+                await self.ingest(scope, receive, send)  # every reading: one layer less
+            else:
+                await (self.ingest if ingest else self.app)(scope, receive, send_and_note)
         finally:
             seconds = time.perf_counter() - started
             route = scope["path"] if ingest else getattr(scope.get("route"), "path", "unmatched")
-            self.count(route, status, seconds)
+            self.count(route, state["status"], seconds)
             if log.isEnabledFor(logging.INFO):
-                self.log_line(request_line(scope, status, seconds))
+                self.log_line(request_line(scope, state["status"], seconds))
 
     def count(self, route: str, status: int, seconds: float) -> None:
         counted = self.counted.get((route, status))
@@ -2541,7 +2547,7 @@ def build_app(settings: Settings, local: SQLiteStore, log_line=log.info) -> Fron
         exception_handlers={ApiError: api_error, HTTPException: http_error},
     )
     ingest = CORSMiddleware(Ingest(app), **cors) if cors else Ingest(app)
-    return Front(app, ingest, settings.trusted_proxies, log_line)
+    return Front(app, ingest, bool(cors), settings.trusted_proxies, log_line)
 
 
 def raw_error(status: str, error: str, detail: str) -> bytes:
@@ -2567,22 +2573,31 @@ def request_deadline_protocol(timeout: float):
     """uvicorn's httptools protocol, plus limits on each request: its headers and body must
     arrive within REQUEST_TIMEOUT (or the client gets 408, or is dropped while still sending
     headers), so idle or trickling connections cannot pile up; and headers past 64 KiB are
-    refused before the parser spends time on them. One timer per request, at this level,
-    costs less than a timeout around every body read."""
+    refused before the parser spends time on them."""
+    from uvicorn.protocols.http.flow_control import FlowControl
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class RequestDeadlineProtocol(HttpToolsProtocol):
-        deadline = None
+        deadlines: Deadlines | None = None  # one for every connection, made with the first
         reading_headers = False
         header_bytes = 0
 
         def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            self.start_deadline()
+            # As uvicorn's own, but with the addresses the transport noted when it accepted
+            # the connection: uvicorn asks the socket again, through a socket object per call.
+            self.connections.add(self)
+            self.transport = transport
+            self.flow = FlowControl(transport)
+            self.server = address_pair(transport.get_extra_info("sockname"))
+            self.client = address_pair(transport.get_extra_info("peername"))
+            self.scheme = "http"
+            if RequestDeadlineProtocol.deadlines is None:
+                RequestDeadlineProtocol.deadlines = Deadlines(self.loop, timeout)
+            self.start_deadline()  # a connection's first request is timed from its start
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            if self.deadline is None:  # (a connection's first request is timed from its start)
+            if self not in self.deadlines.due:
                 self.start_deadline()
 
         def data_received(self, data: bytes) -> None:
@@ -2605,7 +2620,7 @@ def request_deadline_protocol(timeout: float):
             self.close_with(UNREADABLE_REQUEST)  # JSON like every other error
 
         def close_with(self, answer: bytes) -> None:
-            self.stop_deadline()
+            self.deadlines.stop(self)
             self.transport.write(answer)
             self.transport.close()
 
@@ -2616,29 +2631,22 @@ def request_deadline_protocol(timeout: float):
                 self.cycle.transport = JoinedWrites(self.transport, self.scope["method"])
 
         def on_message_complete(self) -> None:
-            self.stop_deadline()
+            self.deadlines.stop(self)
             super().on_message_complete()
 
         def connection_lost(self, exc) -> None:
-            self.stop_deadline()
+            self.deadlines.stop(self)
             super().connection_lost(exc)
 
         def start_deadline(self) -> None:
-            self.stop_deadline()
             self.reading_headers, self.header_bytes = True, 0
-            self.deadline = self.loop.call_later(timeout, self.too_slow)
-
-        def stop_deadline(self) -> None:
-            if self.deadline is not None:
-                self.deadline.cancel()
-                self.deadline = None
+            self.deadlines.start(self)
 
         def too_slow(self) -> None:
-            self.deadline = None
             if self.transport.is_closing():
                 return
             if self.flow.read_paused:  # we are not reading (a pipelined request waits its turn)
-                self.deadline = self.loop.call_later(timeout, self.too_slow)
+                self.deadlines.start(self)
                 return
             if self.reading_headers:
                 log.info("dropped a connection whose request headers took over %g s", timeout)
@@ -2649,6 +2657,41 @@ def request_deadline_protocol(timeout: float):
                 self.transport.close()
 
     return RequestDeadlineProtocol
+
+
+def address_pair(address) -> tuple[str, int] | None:
+    """(host, port) of a socket address as the transport gives it (IPv6 adds two more)."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        return str(address[0]), int(address[1])
+    return None
+
+
+class Deadlines:
+    """The request deadline of every connection, checked by one timer a few times a second. A
+    timer per request, made and then cancelled for nearly every request, cost more."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self.loop = loop
+        self.timeout = timeout
+        self.period = min(1.0, timeout / 4)  # a slow client is cut off at most this late
+        self.due: dict[object, float] = {}  # connection -> when its time is up
+        self.timer: asyncio.TimerHandle | None = None
+
+    def start(self, connection) -> None:
+        self.due[connection] = time.monotonic() + self.timeout
+        if self.timer is None:
+            self.timer = self.loop.call_later(self.period, self.check)
+
+    def stop(self, connection) -> None:
+        self.due.pop(connection, None)
+
+    def check(self) -> None:
+        now = time.monotonic()
+        for connection, due in list(self.due.items()):
+            if due <= now:
+                del self.due[connection]
+                connection.too_slow()
+        self.timer = self.loop.call_later(self.period, self.check) if self.due else None
 
 
 class JoinedWrites:
