@@ -37,13 +37,14 @@ import json
 import logging
 import math
 import os
-import queue
+import pickle
 import re
 import resource
 import secrets
 import signal
 import socket
 import sqlite3
+import struct
 import sys
 import threading
 import time
@@ -400,6 +401,15 @@ class Reading:
         self.device_clock = ts_ms is not None and device_clock
         self.client_ip = client_ip
 
+    def as_row(self) -> tuple:
+        """What the writer process is sent of a reading (see Reading.from_row)."""
+        return self.sensor_id, self.values, self.ts_ms, self.client_ip, self.device_clock
+
+    @classmethod
+    def from_row(cls, row: tuple) -> Reading:
+        sensor_id, values, ts_ms, client_ip, device_clock = row
+        return cls(sensor_id, values, ts_ms, client_ip, device_clock=device_clock)
+
     def as_dict(self, zone: ZoneInfo) -> dict:
         second, milliseconds = divmod(self.ts_ms, 1000)
         utc, local_date, local_time = second_texts(second, zone)
@@ -559,7 +569,8 @@ LOCK_WAIT_SECONDS = 5  # for the write lock, while another connection holds it
 
 
 class SQLiteStore:
-    """Readings in one SQLite file (WAL). Only the writer thread writes; reads use their own."""
+    """Readings in one SQLite file (WAL). The writer process writes (see WriterProcess); the
+    server reads, through connections of its own."""
 
     def __init__(self, path: Path, fields: tuple[str, ...], outbox: bool = False) -> None:
         self.path = path
@@ -597,6 +608,7 @@ class SQLiteStore:
         return connection
 
     def open(self) -> None:
+        """Open for writing, making the tables as needed: in the writer process."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.writer = self.connect()
         self.writer.executescript("""
@@ -615,35 +627,32 @@ class SQLiteStore:
         for name in self.fields:
             if name not in known:  # a field added to FIELDS gets its column; old rows keep NULL
                 self.writer.execute(f'ALTER TABLE readings ADD COLUMN "{name}" REAL')
-        self.next_id = (self.writer.execute("SELECT max(id) FROM readings").fetchone()[0] or 0) + 1
-        for sensor_id, fields, last_server_ms in self.writer.execute(
-            "SELECT sensor_id, fields, last_server_ms FROM sensors"
-        ):
+        for sensor_id, fields in self.writer.execute("SELECT sensor_id, fields FROM sensors"):
             self.sensor_fields[sensor_id] = set(filter(None, fields.split(",")))
-            self.last_server_ms[sensor_id] = last_server_ms or 0
         self.writer.execute("PRAGMA busy_timeout=0")  # waiting for the lock: see begin
+
+    def open_reader(self) -> None:
+        """Open for reading, in the server, once the writer process has made the tables."""
         self.reader = self.connect_reader()
+        for sensor_id, last_server_ms in self.reader.execute(
+            "SELECT sensor_id, last_server_ms FROM sensors"
+        ):
+            self.last_server_ms[sensor_id] = last_server_ms or 0
 
     def close(self) -> None:
         for connection in (self.writer, self.reader):
             if connection is not None:
                 connection.close()
 
-    # Writing: steps that wait (for the lock, for the disk) run on the writer thread, the rest
-    # on the event loop; the Writer runs one write at a time.
-
-    def begin_now(self) -> bool:
-        """Take the write lock if no other connection holds it: the usual case, and quick
-        enough for the event loop. False when another one holds it (then see begin)."""
-        return self.guard(self.take_write_lock)
+    # Writing: in the writer process, one transaction at a time.
 
     def begin(self) -> None:
         """Take the write lock, waiting for another connection (the InfluxDB delivery, another
         program) to let go of it, up to LOCK_WAIT_SECONDS from when it was first found held:
-        writes queued meanwhile do not each wait anew. Waits, so it runs on the writer thread."""
+        writes queued meanwhile do not each wait anew."""
         if self.locked_since is None:
             self.locked_since = time.monotonic()
-        while not self.begin_now():
+        while not self.guard(self.take_write_lock):
             if time.monotonic() - self.locked_since > LOCK_WAIT_SECONDS:
                 self.write_error = "another program holds the database's write lock"
                 raise StoreError(self.write_error)
@@ -659,11 +668,13 @@ class SQLiteStore:
                 raise
             return False
         self.locked_since = None
+        # Read under the lock: a stopped server's writer may have committed after we opened.
+        last_id = self.writer.execute("SELECT max(id) FROM readings").fetchone()[0] or 0
+        self.next_id = max(self.next_id, last_id + 1)
         return True
 
     def insert(self, jobs: list[list[Reading]]) -> list[WriteResult]:
-        """Insert every job's readings; duplicates are skipped, not stored. Memory work on
-        pages SQLite has cached, quick enough for the event loop."""
+        """Insert every job's readings; duplicates are skipped, not stored."""
         first_id = self.next_id
         try:
             return self.guard(self.insert_rows, jobs)
@@ -698,7 +709,7 @@ class SQLiteStore:
         return results
 
     def commit(self) -> None:
-        """Make the transaction durable: waits for the disk, so not on the loop."""
+        """Make the transaction durable: it returns once the disk has it."""
         self.guard(self.writer.execute, "COMMIT")
         self.write_error = None
         self.commits += 1
@@ -1023,10 +1034,6 @@ class InfluxStore:
         self.failures = 0
         self.connection: sqlite3.Connection | None = None
 
-    @property
-    def write_error(self) -> str | None:
-        return self.local.write_error
-
     def close(self) -> None:
         self.client.close()
         if self.connection is not None:
@@ -1300,120 +1307,270 @@ def combine_buckets(stored: list | None, pending: list) -> list:
     return combined
 
 
-class StepThread:
-    """A thread that runs blocking steps one after another for the event loop. Lighter than a
-    ThreadPoolExecutor, whose hand-off (two locks, a semaphore, a future chained to another)
-    took a tenth of the event loop's time under load."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, name: str) -> None:
-        self.loop = loop
-        self.steps: queue.SimpleQueue = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self.serve, name=name, daemon=True)
-        self.thread.start()
-
-    def run(self, step: Callable, *args) -> asyncio.Future:
-        future = self.loop.create_future()
-        self.steps.put((future, step, args))
-        return future
-
-    def serve(self) -> None:
-        while (job := self.steps.get()) is not None:
-            future, step, args = job
-            try:
-                outcome = (step(*args), None)
-            except Exception as error:
-                outcome = (None, error)
-            self.loop.call_soon_threadsafe(settle, future, *outcome)
-
-    def stop(self) -> None:
-        self.steps.put(None)
-        self.thread.join()
+# --- Storage: the writer process -----------------------------------------------------------
 
 
-def settle(future: asyncio.Future, result: object, error: Exception | None) -> None:
-    if future.cancelled():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+class WriterProcess(asyncio.Protocol):
+    """The server's side of the process that writes the SQLite store. Forked at start-up, it
+    commits on a core of its own and answers over a socket pair. A writer thread would share
+    the interpreter lock with the busy event loop, and under load each commit waited
+    milliseconds to win it back after the disk was done.
 
+    The server sends what each loop turn gathered in one message; the writer commits everything
+    that has arrived since its last commit in one transaction (a group commit) and answers each
+    request. Readings are answered, then pushed to subscribers, in the order they were stored."""
 
-class Writer:
-    """The single writer: commits whatever has accumulated in one transaction, then tells
-    subscribers and the waiting requests, in the order the readings were stored."""
-
-    def __init__(self, store: SQLiteStore, subscribers: Subscribers, zone: ZoneInfo) -> None:
+    def __init__(self, store: SQLiteStore) -> None:
         self.store = store
-        self.subscribers = subscribers
-        self.zone = zone
-        self.pending: list[tuple[list[Reading], asyncio.Future]] = []
-        self.wakeup = asyncio.Event()
-        self.thread: StepThread | None = None
+        self.pid = 0
+        self.channel: socket.socket | None = None
+        self.transport: asyncio.Transport | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.task: asyncio.Task | None = None
-        self.busy = asyncio.Lock()  # the writer connection serves one write or probe at a time
+        self.subscribers: Subscribers | None = None
+        self.zone: ZoneInfo | None = None
+        self.numbers = itertools.count(1)
+        self.outgoing: list[tuple] = []  # requests gathered in this loop turn
+        self.waiting: dict[int, tuple[list[Reading] | None, asyncio.Future]] = {}
+        self.buffer = bytearray()
+        self.write_error: str | None = None  # why the store takes no writes, if it does not
+        self.commits = 0
         self.committed = asyncio.Event()  # wakes the InfluxDB delivery after each commit
+        self.stopping = False
+        self.lost = False  # the writer ended before the server stopped it
+        self.on_lost: Callable[[], None] = lambda: None
 
-    def start(self) -> None:
-        self.loop = asyncio.get_running_loop()  # asking for it costs a getpid() system call
-        self.thread = StepThread(self.loop, "sensorflow-writer")
-        self.task = self.loop.create_task(self.run())
+    def start(self) -> str | None:
+        """Fork the writer and wait until it has opened the store; what went wrong, if anything.
+        Call it before the server starts any thread: a fork copies only the calling one."""
+        ours, theirs = socket.socketpair()
+        self.pid = os.fork()
+        if self.pid == 0:
+            ours.close()
+            try:
+                run_writer(self.store, theirs)
+            finally:
+                os._exit(0)
+        theirs.close()
+        self.channel = ours
+        answer = receive_message(ours, bytearray())
+        return "the writer process ended at start" if answer is END else answer
 
-    async def stop(self) -> None:
-        while self.pending or self.busy.locked():  # let the last requests be committed
-            await asyncio.sleep(0.01)
-        if self.task:
-            self.task.cancel()
-        self.thread.stop()
+    async def attach(self, subscribers: Subscribers, zone: ZoneInfo) -> None:
+        """Join the event loop: from here on writes are sent and answered through it."""
+        self.loop = asyncio.get_running_loop()
+        self.subscribers, self.zone = subscribers, zone
+        await self.loop.create_unix_connection(lambda: self, sock=self.channel)
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
 
     async def write(self, readings: list[Reading]) -> WriteResult:
-        future = self.loop.create_future()
-        self.pending.append((readings, future))
-        self.wakeup.set()
+        """Store readings; answered once they are durably committed."""
+        future = self.request("write", [reading.as_row() for reading in readings], readings)
         return await future
 
     async def probe(self) -> None:
-        async with self.busy:
-            await self.thread.run(self.store.probe)
+        """Learn whether the store takes writes again (it raises StoreError if not)."""
+        await self.request("probe", None, None)
 
-    async def run(self) -> None:
-        while True:
-            await self.wakeup.wait()
-            self.wakeup.clear()
-            jobs, self.pending = self.pending, []
-            if jobs:
-                async with self.busy:
-                    await self.commit(jobs)
+    def request(self, kind: str, payload, readings: list[Reading] | None) -> asyncio.Future:
+        if self.transport is None or self.transport.is_closing():
+            raise StoreError(self.write_error or "the store's writer process has stopped")
+        number = next(self.numbers)
+        future = self.loop.create_future()
+        self.waiting[number] = (readings, future)
+        self.outgoing.append((kind, number, payload))
+        # An idle writer starts at once. A busy one will take everything sent meanwhile in its
+        # next transaction: send what this loop turn gathers at the turn's end, or a few at a
+        # time, so that the writer commits some while the loop works on the rest.
+        if len(self.waiting) == len(self.outgoing) or len(self.outgoing) >= SEND_AFTER:
+            self.send_outgoing()
+        elif len(self.outgoing) == 1:
+            self.loop.call_soon(self.send_outgoing)
+        return future
 
-    async def commit(self, jobs: list[tuple[list[Reading], asyncio.Future]]) -> None:
-        """One transaction for every waiting job. Taking the write lock and committing wait on
-        other connections and on the disk, so they run on the writer thread; the inserts in
-        between run here, so the two threads trade the GIL twice per commit, not at every row."""
-        started = time.perf_counter()
-        try:
-            if not self.store.begin_now():  # held by another connection: wait off the loop
-                await self.thread.run(self.store.begin)
-            results = self.store.insert([readings for readings, _ in jobs])
-            await self.thread.run(self.store.commit)
-        except StoreError as error:
-            log.warning("write failed: %s", error)
-            for _, future in jobs:
-                if not future.done():
-                    future.set_exception(error)
-            return
-        COMMIT_SECONDS.observe(time.perf_counter() - started)
-        self.committed.set()
-        # Answer the requests first, then tell subscribers, in the order of storing.
-        for (_, future), result in zip(jobs, results, strict=True):
-            STORED.inc(len(result.stored))
-            if not future.done():
+    def send_outgoing(self) -> None:
+        if self.outgoing and not self.transport.is_closing():
+            self.transport.write(message_bytes(self.outgoing))
+        self.outgoing = []
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        for answers, write_error, commits, seconds in take_messages(self.buffer):
+            self.write_error, self.commits = write_error, commits
+            if seconds is not None:
+                COMMIT_SECONDS.observe(seconds)
+                self.committed.set()
+            self.answer(answers)
+
+    def answer(self, answers: list[tuple[int, object]]) -> None:
+        stored = []
+        for number, outcome in answers:
+            readings, future = self.waiting.pop(number)
+            if future.done():
+                continue
+            if isinstance(outcome, str):  # what went wrong
+                future.set_exception(StoreError(outcome))
+            elif readings is None:  # a probe that succeeded
+                future.set_result(None)
+            else:
+                result = placed(readings, *outcome)
+                STORED.inc(len(result.stored))
                 future.set_result(result)
-        if not self.subscribers.live:
-            return  # not worth a loop over every reading
-        for result in results:
-            for reading in result.stored:
-                self.subscribers.publish(reading, self.zone)
+                stored += result.stored
+        for reading in stored if self.subscribers.live else ():
+            self.subscribers.publish(reading, self.zone)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.stopping:
+            log.error("the store's writer process ended unexpectedly: stopping the server")
+            self.write_error = "the store's writer process has stopped"
+            self.lost = True
+            self.on_lost()
+        for _, future in self.waiting.values():
+            if not future.done():
+                future.set_exception(StoreError("the store's writer process has stopped"))
+        self.waiting.clear()
+
+    async def stop(self) -> None:
+        """Let the last requests be committed, then close the channel, which ends the writer."""
+        while self.waiting and not self.transport.is_closing():
+            await asyncio.sleep(0.01)
+        self.stopping = True
+        self.transport.close()
+        for _ in range(WRITER_EXIT_SECONDS * 100):
+            if os.waitpid(self.pid, os.WNOHANG)[0]:
+                return
+            await asyncio.sleep(0.01)
+        log.warning("the store's writer process did not end in %d s: killed", WRITER_EXIT_SECONDS)
+        os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+
+
+WRITER_EXIT_SECONDS = 10
+SEND_AFTER = 8  # requests gathered before they are sent to a busy writer
+
+
+def placed(readings: list[Reading], places: list, found: list[Reading]) -> WriteResult:
+    """A write's result from the writer's answer: each reading's id and time as stored (it may
+    move a server-stamped reading by a millisecond), or None for a duplicate; and for a single
+    reading stored before, the reading it repeats."""
+    result = WriteResult([], [])
+    for reading, place in zip(readings, places, strict=True):
+        if place is None:
+            result.duplicates.append(reading)
+        else:
+            reading.id, reading.ts_ms = place
+            result.stored.append(reading)
+    if found:
+        result.duplicates = found
+    return result
+
+
+def run_writer(store: SQLiteStore, channel: socket.socket) -> None:
+    """The writer process: open the store, say so, then commit what arrives until the server
+    closes its end. It keeps no descriptor of the server's but its channel and the standard
+    streams, and ignores Ctrl-C and SIGTERM: the server stops it once the last reading is in."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.closerange(3, channel.fileno())
+    os.closerange(channel.fileno() + 1, CLOSE_FROM_LIMIT)
+    try:
+        store.open()
+    except (OSError, sqlite3.Error) as error:
+        channel.sendall(message_bytes(str(error)))
+        return
+    channel.sendall(message_bytes(None))
+    buffer = bytearray()
+    while (requests := receive_requests(channel, buffer)) is not END:
+        writes = [(number, rows) for kind, number, rows in requests if kind == "write"]
+        answers, seconds = commit_writes(store, writes) if writes else ([], None)
+        answers += [(number, probe_store(store)) for kind, number, _ in requests if kind == "probe"]
+        channel.sendall(message_bytes((answers, store.write_error, store.commits, seconds)))
+    store.close()
+
+
+CLOSE_FROM_LIMIT = 65536
+END = object()  # the other side closed the channel
+
+
+def commit_writes(store: SQLiteStore, writes: list[tuple[int, list[tuple]]]) -> tuple[list, float]:
+    """All these writes in one transaction, and each one's answer (see placed)."""
+    started = time.perf_counter()
+    jobs = [[Reading.from_row(row) for row in rows] for _, rows in writes]
+    try:
+        store.begin()
+        results = store.insert(jobs)
+        store.commit()
+    except StoreError as error:
+        return [(number, str(error)) for number, _ in writes], None
+    answers = []
+    for (number, _), job, result in zip(writes, jobs, results, strict=True):
+        stored = {id(reading) for reading in result.stored}
+        places = [(r.id, r.ts_ms) if id(r) in stored else None for r in job]
+        found = result.duplicates if len(job) == 1 and result.duplicates else []
+        answers.append((number, (places, found)))
+    return answers, time.perf_counter() - started
+
+
+def probe_store(store: SQLiteStore) -> str | None:
+    try:
+        store.probe()
+    except StoreError as error:
+        return str(error)
+    return None
+
+
+def receive_requests(channel: socket.socket, buffer: bytearray):
+    """Wait for the server's next message, then take every other one it has sent meanwhile:
+    together they make one transaction. END once the server has closed its end."""
+    first = receive_message(channel, buffer)
+    if first is END:
+        return END
+    requests = list(first)
+    while True:
+        requests += [request for message in take_messages(buffer) for request in message]
+        try:
+            data = channel.recv(RECEIVE_BYTES, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return requests
+        if not data:  # the server closed its end: commit what came, see END next time
+            return requests
+        buffer += data
+
+
+def receive_message(channel: socket.socket, buffer: bytearray):
+    """The next whole message, waiting for it; END if the other side closed the channel."""
+    while not (messages := take_messages(buffer, limit=1)):
+        data = channel.recv(RECEIVE_BYTES)
+        if not data:
+            return END
+        buffer += data
+    return messages[0]
+
+
+RECEIVE_BYTES = 1 << 20
+MESSAGE_HEAD = struct.Struct("!I")  # a message is its length, then its pickle
+
+
+def message_bytes(message: object) -> bytes:
+    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return MESSAGE_HEAD.pack(len(body)) + body
+
+
+def take_messages(buffer: bytearray, limit: int | None = None) -> list:
+    """The whole messages at the start of buffer (at most limit), taken out of it. Only the
+    server and its own writer process speak over the channel, so unpickling is safe."""
+    messages, start = [], 0
+    while len(buffer) - start >= MESSAGE_HEAD.size and (limit is None or len(messages) < limit):
+        (size,) = MESSAGE_HEAD.unpack_from(buffer, start)
+        end = start + MESSAGE_HEAD.size + size
+        if len(buffer) < end:
+            break
+        messages.append(pickle.loads(buffer[start + MESSAGE_HEAD.size : end]))
+        start = end
+    del buffer[:start]
+    return messages
 
 
 async def deliver_forever(store: InfluxStore, committed: asyncio.Event) -> None:
@@ -2092,15 +2249,15 @@ async def close_quietly(send, code: int, reason: str) -> None:
 async def health(request: Request) -> Response:
     """State for people and monitors; 503 when no reading can be stored. No key, no paths."""
     state = request.app.state
-    local = state.writer.store
-    if local.write_error is not None:
+    writer = state.writer
+    if writer.write_error is not None:
         try:
-            await state.writer.probe()
+            await writer.probe()
         except StoreError:
             pass
-    writable = local.write_error is None
-    store = {"kind": "sqlite", "writable": writable, "detail": local.write_error}
-    store["commits"] = local.commits
+    writable = writer.write_error is None
+    store = {"kind": "sqlite", "writable": writable, "detail": writer.write_error}
+    store["commits"] = writer.commits
     healthy = writable
     if isinstance(state.store, InfluxStore):
         influx = state.store
@@ -2475,9 +2632,10 @@ def printable(text: str) -> str:
 UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 
 
-def build_app(settings: Settings, local: SQLiteStore, log_line=log.info) -> Front:
-    """The application around an opened local store (main opens it, to fail early and clearly).
-    log_line writes a request's line at INFO."""
+def build_app(settings: Settings, writer: WriterProcess, log_line=log.info) -> Front:
+    """The application around a started writer process and the store it opened (main starts
+    it, to fail early and clearly). log_line writes a request's line at INFO."""
+    local = writer.store
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
@@ -2490,12 +2648,12 @@ def build_app(settings: Settings, local: SQLiteStore, log_line=log.info) -> Fron
         app.state.limiter = RateLimiter(*settings.rate_limit) if settings.rate_limit else None
         app.state.clock = ServerClock(local.last_server_ms)
         app.state.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sensorflow-read")
-        app.state.writer = Writer(local, subscribers, settings.timezone)
+        app.state.writer = writer
         app.state.started = time.monotonic()
-        app.state.writer.start()
+        await writer.attach(subscribers, settings.timezone)
         delivery = None
         if isinstance(store, InfluxStore):
-            delivery = asyncio.create_task(deliver_forever(store, app.state.writer.committed))
+            delivery = asyncio.create_task(deliver_forever(store, writer.committed))
         everywhere = settings.host in ("0.0.0.0", "::")
         shown_host = "<this machine's address>" if everywhere else settings.host
         if isinstance(store, InfluxStore):
@@ -2512,7 +2670,7 @@ def build_app(settings: Settings, local: SQLiteStore, log_line=log.info) -> Fron
             settings.port,
         )
         yield
-        await app.state.writer.stop()
+        await writer.stop()
         if delivery is not None:
             delivery.cancel()
         app.state.reader.shutdown(wait=True)
@@ -2934,24 +3092,28 @@ def main() -> None:
         settings = load_settings()
     except SettingsError as error:
         sys.exit(f"SensorFlow cannot start: {error}")
+    try:
+        lock = lock_database(settings.sqlite_path)
+        writer = WriterProcess(
+            SQLiteStore(settings.sqlite_path, settings.fields, outbox=bool(settings.influx_host))
+        )
+        gc.freeze()  # start-up's objects live as long as the server: spare the collector
+        problem = writer.start()  # before any thread starts
+        if problem is None:
+            writer.store.open_reader()
+    except (OSError, sqlite3.Error) as error:
+        problem = str(error)
+    if problem is not None:
+        sys.exit(f"SensorFlow cannot use the database {settings.sqlite_path}: {problem}")
     log_lines = start_logging(settings.log_level)
     # One line per request is logged: skip the record fields the format never shows.
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    try:
-        lock = lock_database(settings.sqlite_path)
-        local = SQLiteStore(
-            settings.sqlite_path, settings.fields, outbox=bool(settings.influx_host)
-        )
-        local.open()
-    except (OSError, sqlite3.Error) as error:
-        sys.exit(f"SensorFlow cannot use the database {settings.sqlite_path}: {error}")
     settings = ensure_api_key(settings)
     if any(len(key) < SHORT_KEY for key in settings.api_keys + settings.ws_keys):
         log.warning("an API key is shorter than %d characters: easy to guess", SHORT_KEY)
     raise_open_file_limit()
-    gc.freeze()  # what start-up made lives as long as the server: spare the collector
     config = uvicorn.Config(
-        build_app(settings, local, log_lines.info_line),
+        build_app(settings, writer, log_lines.info_line),
         http=request_deadline_protocol(settings.request_timeout),
         ws=websocket_protocol(),
         # Compression would hold zlib state of a few hundred KB on every browser's connection,
@@ -2971,9 +3133,14 @@ def main() -> None:
         sys.exit(f"SensorFlow cannot listen on {settings.host}:{settings.port}: {error}")
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop_signal, end_by_signal(log_lines))
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+    writer.on_lost = lambda: setattr(server, "should_exit", True)
+    gc.freeze()
+    server.run(sockets=[sock])
     lock.close()
     log_lines.close()
+    if writer.lost:
+        sys.exit("SensorFlow stopped: the store's writer process ended unexpectedly")
 
 
 def end_by_signal(log_lines: LineWriter):

@@ -79,6 +79,12 @@ class Server:
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
 
+    def process_ids(self) -> list[int]:
+        """The server's process id, then its writer process's (the child it forks)."""
+        pid = self.process.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return [pid, *map(int, children)]
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

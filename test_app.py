@@ -1336,15 +1336,18 @@ def test_sigkill_under_load_keeps_every_acknowledged_reading_and_no_refused_one(
 def test_full_disk_gives_503_loses_nothing_and_recovers_on_its_own(make_server):
     server = make_server()
     before = [post_reading(server, {"sensor_id": "disk", "temperature": i}) for i in range(20)]
-    pid = server.process.pid
-    limits = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+    processes = server.process_ids()  # the server and its writer
+    assert len(processes) == 2
+    limits = resource.prlimit(processes[0], resource.RLIMIT_FSIZE)
 
-    resource.prlimit(pid, resource.RLIMIT_FSIZE, (0, limits[1]))
+    for pid in processes:
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (0, limits[1]))
     try:
         during = post_reading(server, {"sensor_id": "disk", "temperature": 99})
         health = requests.get(server.url + "/api/v1/health", timeout=5)
     finally:
-        resource.prlimit(pid, resource.RLIMIT_FSIZE, limits)
+        for pid in processes:
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, limits)
     recovered_health = requests.get(server.url + "/api/v1/health", timeout=5)
     after = post_reading(server, {"sensor_id": "disk", "temperature": 21})
 

@@ -239,7 +239,8 @@ def test_every_answer_matches_the_description(server, subtests, mode):
 
 
 def starlette_routes(config: app.Settings) -> list:
-    application = app.build_app(config, app.SQLiteStore(config.sqlite_path, config.fields))
+    store = app.SQLiteStore(config.sqlite_path, config.fields)
+    application = app.build_app(config, app.WriterProcess(store))
     while not hasattr(application, "routes"):  # unwrap the layer in front of Starlette
         application = application.app
     return application.routes
