@@ -1397,6 +1397,11 @@ class WriterProcess(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buffer += data
         for answers, write_error, commits, seconds in take_messages(self.buffer):
+            if write_error != self.write_error:  # logged when it changes, not at every write
+                if write_error is None:
+                    log.info("the store takes writes again")
+                else:
+                    log.warning("the store takes no writes: %s", write_error)
             self.write_error, self.commits = write_error, commits
             if seconds is not None:
                 COMMIT_SECONDS.observe(seconds)

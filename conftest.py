@@ -67,14 +67,22 @@ class Server:
         raise RuntimeError(f"server did not start in {timeout}s:\n{self.log()}")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the server by its pid; its writer process then ends on its own (or is killed)."""
         if self.process is None or self.process.poll() is not None:
             return
+        writers = self.process_ids()[1:]
         os.kill(self.process.pid, sig)
         try:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.kill(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=10)
+        for pid in writers:
+            deadline = time.monotonic() + 10
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if Path(f"/proc/{pid}").exists():
+                os.kill(pid, signal.SIGKILL)
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
@@ -82,7 +90,10 @@ class Server:
     def process_ids(self) -> list[int]:
         """The server's process id, then its writer process's (the child it forks)."""
         pid = self.process.pid
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except FileNotFoundError:  # it has just ended
+            children = []
         return [pid, *map(int, children)]
 
     def log(self) -> str:

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import resource
+import signal
 import socket
 import sqlite3
 import stat
@@ -1344,21 +1345,43 @@ def test_full_disk_gives_503_loses_nothing_and_recovers_on_its_own(make_server):
         resource.prlimit(pid, resource.RLIMIT_FSIZE, (0, limits[1]))
     try:
         during = post_reading(server, {"sensor_id": "disk", "temperature": 99})
+        again = post_reading(server, {"sensor_id": "disk", "temperature": 98})
         health = requests.get(server.url + "/api/v1/health", timeout=5)
     finally:
         for pid in processes:
             resource.prlimit(pid, resource.RLIMIT_FSIZE, limits)
     recovered_health = requests.get(server.url + "/api/v1/health", timeout=5)
     after = post_reading(server, {"sensor_id": "disk", "temperature": 21})
+    history = server.get("/api/v1/sensor/disk/readings").json()["readings"]
+    server.stop()  # (which writes out the log)
 
     assert all(answer.status_code == 201 for answer in before)
-    assert during.status_code == 503
+    assert during.status_code == 503 and again.status_code == 503
     assert "disk" in during.json()["detail"] and "not stored" in during.json()["error"]
     assert health.status_code == 503 and health.json()["status"] == "degraded"
     assert "disk" in health.json()["store"]["detail"]
     assert recovered_health.status_code == 200 and after.status_code == 201
-    history = server.get("/api/v1/sensor/disk/readings").json()["readings"]
     assert [reading["temperature"] for reading in history] == [float(i) for i in range(20)] + [21.0]
+    warned = [line for line in server.log().splitlines() if "the store takes no writes" in line]
+    assert len(warned) == 1 and "disk" in warned[0]  # once, not once per refused reading
+
+
+def test_the_server_stops_with_a_clear_message_when_its_writer_process_dies(make_server, tmp_path):
+    server = make_server()
+    before = [post_reading(server, {"sensor_id": "w", "temperature": i}) for i in range(10)]
+    server_pid, writer_pid = server.process_ids()
+
+    os.kill(writer_pid, signal.SIGKILL)
+    exit_code = server.process.wait(timeout=15)
+    restarted = make_server(tmp_path)
+    after = post_reading(restarted, {"sensor_id": "w", "temperature": 10})
+
+    assert all(answer.status_code == 201 for answer in before)
+    assert exit_code != 0
+    assert "writer process ended unexpectedly" in server.log()
+    assert after.status_code == 201
+    history = restarted.get("/api/v1/sensor/w/readings").json()["readings"]
+    assert [reading["temperature"] for reading in history] == [float(i) for i in range(11)]
 
 
 def test_websocket_connects_count_against_the_address_rate_limit(make_server):
