@@ -48,6 +48,7 @@ import struct
 import sys
 import threading
 import time
+import traceback
 from collections import Counter as Tally
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -566,6 +567,7 @@ class WriteResult:
 
 
 LOCK_WAIT_SECONDS = 5  # for the write lock, while another connection holds it
+LOCK_POLL_SECONDS = 0.0005  # the InfluxDB delivery holds it for a moment after each commit
 
 
 class SQLiteStore:
@@ -656,7 +658,7 @@ class SQLiteStore:
             if time.monotonic() - self.locked_since > LOCK_WAIT_SECONDS:
                 self.write_error = "another program holds the database's write lock"
                 raise StoreError(self.write_error)
-            time.sleep(0.005)
+            time.sleep(LOCK_POLL_SECONDS)
 
     def take_write_lock(self) -> bool:
         if self.writer is None:
@@ -1348,8 +1350,10 @@ class WriterProcess(asyncio.Protocol):
             ours.close()
             try:
                 run_writer(self.store, theirs)
-            finally:
-                os._exit(0)
+            except BaseException:
+                traceback.print_exc()  # to the server's own standard error
+                os._exit(1)
+            os._exit(0)
         theirs.close()
         self.channel = ours
         answer = receive_message(ours, bytearray())
