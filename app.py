@@ -1401,7 +1401,7 @@ class WriterProcess(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buffer += data
         for answers, write_error, commits, seconds in take_messages(self.buffer):
-            if write_error != self.write_error:  # logged when it changes, not at every write
+            if (write_error is None) != (self.write_error is None):  # when it stops or starts again
                 if write_error is None:
                     log.info("the store takes writes again")
                 else:
@@ -1416,17 +1416,20 @@ class WriterProcess(asyncio.Protocol):
         stored = []
         for number, outcome in answers:
             readings, future = self.waiting.pop(number)
-            if future.done():
-                continue
             if isinstance(outcome, str):  # what went wrong
-                future.set_exception(StoreError(outcome))
+                result = StoreError(outcome)
             elif readings is None:  # a probe that succeeded
-                future.set_result(None)
-            else:
+                result = None
+            else:  # stored, and told to subscribers, even if the request has gone meanwhile
                 result = placed(readings, *outcome)
                 STORED.inc(len(result.stored))
-                future.set_result(result)
                 stored += result.stored
+            if future.done():
+                continue
+            if isinstance(result, StoreError):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
         for reading in stored if self.subscribers.live else ():
             self.subscribers.publish(reading, self.zone)
 
@@ -1442,8 +1445,12 @@ class WriterProcess(asyncio.Protocol):
         self.waiting.clear()
 
     async def stop(self) -> None:
-        """Let the last requests be committed, then close the channel, which ends the writer."""
-        while self.waiting and not self.transport.is_closing():
+        """Let the last requests be committed, then close the channel, which ends the writer
+        (it commits what it has been sent, answered or not). Waits WRITER_EXIT_SECONDS at most
+        for each, so a stuck writer cannot hold the server up."""
+        for _ in range(WRITER_EXIT_SECONDS * 100):
+            if not self.waiting or self.transport.is_closing():
+                break
             await asyncio.sleep(0.01)
         self.stopping = True
         self.transport.close()
