@@ -560,6 +560,10 @@ class StoreError(Exception):
     """The store cannot take writes; the client gets 503 and nothing is acknowledged."""
 
 
+class OutcomeUnknown(StoreError):
+    """The writer process ended during a write: it may have committed it before it went."""
+
+
 @dataclass
 class WriteResult:
     stored: list[Reading]
@@ -595,6 +599,8 @@ class SQLiteStore:
         self.write_error: str | None = None
         self.locked_since: float | None = None  # when the write lock was found held, if it is
         self.commits = 0
+        self.identity: tuple[int, int] | None = None  # the file opened: (device, inode)
+        self.fields_unsure = False  # after a failed write, sensor_fields may say too much
 
     def connect(self, busy_ms: int = LOCK_WAIT_SECONDS * 1000) -> sqlite3.Connection:
         connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -613,6 +619,7 @@ class SQLiteStore:
         """Open for writing, making the tables as needed: in the writer process."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.writer = self.connect()
+        self.identity = file_identity(self.path)
         self.writer.executescript("""
             CREATE TABLE IF NOT EXISTS readings (
                 id INTEGER PRIMARY KEY, sensor_id TEXT NOT NULL, ts_ms INTEGER NOT NULL,
@@ -661,6 +668,9 @@ class SQLiteStore:
             time.sleep(LOCK_POLL_SECONDS)
 
     def take_write_lock(self) -> bool:
+        if file_identity(self.path) != self.identity:  # what we would write would be lost
+            self.fail(MOVED_FILE)
+            raise StoreError(MOVED_FILE)
         if self.writer is None:
             self.writer = self.connect(busy_ms=0)
         try:
@@ -673,6 +683,14 @@ class SQLiteStore:
         # Read under the lock: a stopped server's writer may have committed after we opened.
         last_id = self.writer.execute("SELECT max(id) FROM readings").fetchone()[0] or 0
         self.next_id = max(self.next_id, last_id + 1)
+        if self.fields_unsure:
+            self.sensor_fields = {
+                sensor_id: set(filter(None, fields.split(",")))
+                for sensor_id, fields in self.writer.execute(
+                    "SELECT sensor_id, fields FROM sensors"
+                )
+            }
+            self.fields_unsure = False
         return True
 
     def insert(self, jobs: list[list[Reading]]) -> list[WriteResult]:
@@ -721,8 +739,8 @@ class SQLiteStore:
         try:
             return step(*args)
         except sqlite3.Error as error:
-            self.fail(error)
-            raise StoreError(describe_store_error(error)) from error
+            self.fail(describe_store_error(error))
+            raise StoreError(self.write_error) from error
 
     def insert_all(self, readings: list[Reading]) -> None:
         """Whole groups of rows in one INSERT each, the rest one by one: SQLite runs one
@@ -807,9 +825,10 @@ class SQLiteStore:
             max(server_times, default=0),
         )
 
-    def fail(self, error: sqlite3.Error) -> None:
+    def fail(self, reason: str) -> None:
         """Roll back and drop the connection, so the next write starts on a fresh one."""
-        self.write_error = describe_store_error(error)
+        self.write_error = reason
+        self.fields_unsure = True
         try:
             self.writer.close()
         except (sqlite3.Error, AttributeError):
@@ -994,6 +1013,17 @@ def describe_store_error(error: sqlite3.Error) -> str:
     if "disk i/o" in text:
         return "disk I/O error writing the database (the disk may be full or failing)"
     return f"the database cannot be written ({getattr(error, 'sqlite_errorname', 'error')})"
+
+
+MOVED_FILE = "the database file was moved, replaced or deleted while the server ran: restart it"
+
+
+def file_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 DELIVERY_BATCH = 5000
@@ -1333,6 +1363,7 @@ class WriterProcess(asyncio.Protocol):
         self.numbers = itertools.count(1)
         self.outgoing: list[tuple] = []  # requests gathered in this loop turn
         self.waiting: dict[int, tuple[list[Reading] | None, asyncio.Future]] = {}
+        self.heard = 0.0  # loop time of the writer's last answer, or of a request to an idle one
         self.buffer = bytearray()
         self.write_error: str | None = None  # why the store takes no writes, if it does not
         self.commits = 0
@@ -1382,6 +1413,8 @@ class WriterProcess(asyncio.Protocol):
             raise StoreError(self.write_error or "the store's writer process has stopped")
         number = next(self.numbers)
         future = self.loop.create_future()
+        if not self.waiting:
+            self.heard = self.loop.time()
         self.waiting[number] = (readings, future)
         self.outgoing.append((kind, number, payload))
         # An idle writer starts at once. A busy one will take everything sent meanwhile in its
@@ -1398,8 +1431,13 @@ class WriterProcess(asyncio.Protocol):
             self.transport.write(message_bytes(self.outgoing))
         self.outgoing = []
 
+    def stalled_for(self) -> float:
+        """Seconds the writer has kept requests waiting without an answer (0 when it has none)."""
+        return self.loop.time() - self.heard if self.waiting else 0.0
+
     def data_received(self, data: bytes) -> None:
         self.buffer += data
+        self.heard = self.loop.time()
         for answers, write_error, commits, seconds in take_messages(self.buffer):
             if (write_error is None) != (self.write_error is None):  # when it stops or starts again
                 if write_error is None:
@@ -1441,7 +1479,7 @@ class WriterProcess(asyncio.Protocol):
             self.on_lost()
         for _, future in self.waiting.values():
             if not future.done():
-                future.set_exception(StoreError("the store's writer process has stopped"))
+                future.set_exception(OutcomeUnknown(WRITER_LOST))
         self.waiting.clear()
 
     async def stop(self) -> None:
@@ -1455,7 +1493,10 @@ class WriterProcess(asyncio.Protocol):
         self.stopping = True
         self.transport.close()
         for _ in range(WRITER_EXIT_SECONDS * 100):
-            if os.waitpid(self.pid, os.WNOHANG)[0]:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                if self.lost:
+                    log.error("the store's writer process %s", exit_description(status))
                 return
             await asyncio.sleep(0.01)
         log.warning("the store's writer process did not end in %d s: killed", WRITER_EXIT_SECONDS)
@@ -1464,7 +1505,18 @@ class WriterProcess(asyncio.Protocol):
 
 
 WRITER_EXIT_SECONDS = 10
+WRITER_LOST = (
+    "the store's writer process stopped during this write, perhaps after storing it: resend it"
+    " with its timestamp, so that a reading already stored is not stored twice"
+)
 SEND_AFTER = 8  # requests gathered before they are sent to a busy writer
+
+
+def exit_description(status: int) -> str:
+    code = os.waitstatus_to_exitcode(status)
+    if code >= 0:
+        return f"exited with code {code}"
+    return f"was killed by signal {signal.Signals(-code).name}"
 
 
 def placed(readings: list[Reading], places: list, found: list[Reading]) -> WriteResult:
@@ -1502,7 +1554,10 @@ def run_writer(store: SQLiteStore, channel: socket.socket) -> None:
         writes = [(number, rows) for kind, number, rows in requests if kind == "write"]
         answers, seconds = commit_writes(store, writes) if writes else ([], None)
         answers += [(number, probe_store(store)) for kind, number, _ in requests if kind == "probe"]
-        channel.sendall(message_bytes((answers, store.write_error, store.commits, seconds)))
+        try:
+            channel.sendall(message_bytes((answers, store.write_error, store.commits, seconds)))
+        except OSError:  # the server has gone (killed): what it sent is committed; end quietly
+            break
         answered = time.monotonic()
     store.close()
 
@@ -1877,6 +1932,8 @@ class Post:
         self.state.clock.stamp(readings)
         try:
             return await self.state.writer.write(readings)
+        except OutcomeUnknown as error:
+            raise ApiError(503, "storage failed during the write: resend", str(error)) from None
         except StoreError as error:
             raise ApiError(503, "storage unavailable, reading not stored", str(error)) from None
 
@@ -2272,18 +2329,22 @@ async def close_quietly(send, code: int, reason: str) -> None:
         pass
 
 
+STALLED_SECONDS = 2  # a commit takes milliseconds: writes waiting this long are stuck
+
+
 async def health(request: Request) -> Response:
     """State for people and monitors; 503 when no reading can be stored. No key, no paths."""
     state = request.app.state
     writer = state.writer
     if writer.write_error is not None:
         try:
-            await writer.probe()
-        except StoreError:
+            await asyncio.wait_for(writer.probe(), STALLED_SECONDS)
+        except (StoreError, TimeoutError):
             pass
-    writable = writer.write_error is None
-    store = {"kind": "sqlite", "writable": writable, "detail": writer.write_error}
-    store["commits"] = writer.commits
+    writable, detail = writer.write_error is None, writer.write_error
+    if writable and (stalled := writer.stalled_for()) > STALLED_SECONDS:
+        writable, detail = False, f"writes have waited {stalled:.0f} s for the disk or the lock"
+    store = {"kind": "sqlite", "writable": writable, "detail": detail, "commits": writer.commits}
     healthy = writable
     if isinstance(state.store, InfluxStore):
         influx = state.store

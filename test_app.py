@@ -1366,22 +1366,70 @@ def test_full_disk_gives_503_loses_nothing_and_recovers_on_its_own(make_server):
     assert len(warned) == 1 and "disk" in warned[0]  # once, not once per refused reading
 
 
+def wait_for_health(server: Server, status: int, within: float = 10) -> dict:
+    deadline = time.monotonic() + within
+    while True:
+        answer = requests.get(server.url + "/api/v1/health", timeout=10)
+        if answer.status_code == status or time.monotonic() > deadline:
+            return answer.json()
+        time.sleep(0.2)
+
+
+def test_a_stuck_writer_shows_in_health_and_clears_when_it_goes_on(server):
+    _, writer_pid = server.process_ids()
+
+    os.kill(writer_pid, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(post_reading, server, {"sensor_id": "stuck", "temperature": 1})
+            stuck = wait_for_health(server, 503)
+            os.kill(writer_pid, signal.SIGCONT)
+            answer = waiting.result(timeout=20)
+    finally:
+        os.kill(writer_pid, signal.SIGCONT)
+    well = wait_for_health(server, 200)
+
+    assert stuck["status"] == "degraded" and "waited" in stuck["store"]["detail"]
+    assert answer.status_code == 201
+    assert well["status"] == "healthy"
+
+
 def test_the_server_stops_with_a_clear_message_when_its_writer_process_dies(make_server, tmp_path):
     server = make_server()
     before = [post_reading(server, {"sensor_id": "w", "temperature": i}) for i in range(10)]
-    server_pid, writer_pid = server.process_ids()
+    _, writer_pid = server.process_ids()
 
-    os.kill(writer_pid, signal.SIGKILL)
+    os.kill(writer_pid, signal.SIGSTOP)  # so that a reading is in its hands when it dies
+    with ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(post_reading, server, {"sensor_id": "w", "temperature": 99})
+        wait_for_health(server, 503)
+        os.kill(writer_pid, signal.SIGKILL)
+        answer = in_flight.result(timeout=20)
     exit_code = server.process.wait(timeout=15)
     restarted = make_server(tmp_path)
     after = post_reading(restarted, {"sensor_id": "w", "temperature": 10})
 
     assert all(answer.status_code == 201 for answer in before)
+    assert answer.status_code == 503  # not "not stored": the writer may have stored it
+    assert "resend" in answer.json()["error"] and "timestamp" in answer.json()["detail"]
     assert exit_code != 0
     assert "writer process ended unexpectedly" in server.log()
+    assert "writer process was killed by signal SIGKILL" in server.log()
     assert after.status_code == 201
     history = restarted.get("/api/v1/sensor/w/readings").json()["readings"]
     assert [reading["temperature"] for reading in history] == [float(i) for i in range(11)]
+
+
+def test_a_database_file_moved_away_while_running_refuses_writes(server):
+    first = post_reading(server, {"sensor_id": "m", "temperature": 1})
+    server.db_path.rename(server.db_path.with_name("moved.db"))
+
+    refused = post_reading(server, {"sensor_id": "m", "temperature": 2})
+    health = requests.get(server.url + "/api/v1/health", timeout=10)
+
+    assert first.status_code == 201
+    assert refused.status_code == 503 and "moved" in refused.json()["detail"]
+    assert health.status_code == 503 and "restart" in health.json()["store"]["detail"]
 
 
 def test_websocket_connects_count_against_the_address_rate_limit(make_server):
