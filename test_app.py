@@ -1345,7 +1345,7 @@ def test_full_disk_gives_503_loses_nothing_and_recovers_on_its_own(make_server):
         resource.prlimit(pid, resource.RLIMIT_FSIZE, (0, limits[1]))
     try:
         during = post_reading(server, {"sensor_id": "disk", "temperature": 99})
-        again = post_reading(server, {"sensor_id": "disk", "temperature": 98})
+        again = post_reading(server, {"sensor_id": "disk", "temperature": 98, "pressure": 990})
         health = requests.get(server.url + "/api/v1/health", timeout=5)
     finally:
         for pid in processes:
@@ -1353,6 +1353,7 @@ def test_full_disk_gives_503_loses_nothing_and_recovers_on_its_own(make_server):
     recovered_health = requests.get(server.url + "/api/v1/health", timeout=5)
     after = post_reading(server, {"sensor_id": "disk", "temperature": 21})
     history = server.get("/api/v1/sensor/disk/readings").json()["readings"]
+    sensors = server.get("/api/v1/sensors").json()["sensors"]
     server.stop()  # (which writes out the log)
 
     assert all(answer.status_code == 201 for answer in before)
@@ -1362,6 +1363,7 @@ def test_full_disk_gives_503_loses_nothing_and_recovers_on_its_own(make_server):
     assert "disk" in health.json()["store"]["detail"]
     assert recovered_health.status_code == 200 and after.status_code == 201
     assert [reading["temperature"] for reading in history] == [float(i) for i in range(20)] + [21.0]
+    assert [sensor["fields"] for sensor in sensors] == [["temperature"]]  # no refused pressure
     warned = [line for line in server.log().splitlines() if "the store takes no writes" in line]
     assert len(warned) == 1 and "disk" in warned[0]  # once, not once per refused reading
 
