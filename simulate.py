@@ -341,10 +341,15 @@ def report_total(total: Tally, rounds: int, sensors: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    print(f"posting as {args.sensors} sensors to {args.url} every {args.interval} s", flush=True)
+    print(f"posting as {args.sensors} sensor(s) to {args.url} every {args.interval} s", flush=True)
     total, rounds = run(args)
     report_total(total, rounds, args.sensors)
-    return 0
+    # Readings refused on purpose (--bad-fraction) are expected; a wrong key, a lost reading or
+    # a server that stored nothing are not: a script running this one can tell.
+    failed = (
+        total.lost or total.refused[401] or (total.good and not total.stored + total.duplicates)
+    )
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

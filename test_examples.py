@@ -273,3 +273,15 @@ def test_simulator_without_any_key_says_where_to_put_one(tmp_path):
 
     assert result.returncode == 2
     assert "no API key" in result.stderr
+
+
+def test_simulator_exits_with_1_when_the_key_is_refused_or_the_server_is_gone(server):
+    wrong_key = simulate(*("--url", server.url, "--key", "wrong-key-0123456789", "--count", "1"))
+    port = server.port
+    server.stop()
+    gone = simulate(*("--url", f"http://127.0.0.1:{port}", "--key", API_KEY, "--count", "1"))
+
+    assert wrong_key.returncode == 1 and read_tally(wrong_key.stdout)["refused by status"] == {
+        401: 3
+    }
+    assert gone.returncode == 1 and read_tally(gone.stdout)["lost"] > 0
