@@ -200,7 +200,10 @@ def parse_rate(text: str) -> tuple[int, float] | None:
         return None
     match = RATE.fullmatch(text.strip().lower())
     if not match or int(match[1]) == 0:
-        raise SettingsError(f"RATE_LIMIT {text!r} is not like 600/minute")
+        raise SettingsError(
+            f"RATE_LIMIT {text!r} is not a number above 0, a slash and second, minute or hour"
+            " (such as 600/minute)"
+        )
     count = int(match[1])
     return count, count / PERIOD_SECONDS[match[2]]
 
@@ -2582,7 +2585,7 @@ def openapi_document(settings: Settings) -> dict:
         ),
         "/api/v1/health": operation(
             "get",
-            "State of the server and its store, without a key",
+            "State of the server and its store",
             {"200": health, "503": answer("no reading can be stored", ref("Health"))},
             key=False,
         ),
