@@ -53,7 +53,7 @@ from collections import Counter as Tally
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
@@ -980,7 +980,7 @@ class SQLiteStore:
         self, connection: sqlite3.Connection, ids: list[int], set_aside: dict[int, str]
     ) -> None:
         """Forget delivered readings; keep refused ones aside with the reason."""
-        with connection:
+        with transaction(connection):
             connection.executemany("INSERT OR REPLACE INTO set_aside VALUES (?, ?)",
                                    set_aside.items())  # fmt: skip
             connection.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
@@ -995,7 +995,7 @@ class SQLiteStore:
 
     def forget_delivered(self, connection: sqlite3.Connection, before_ms: int) -> None:
         """Drop delivered readings older than the window kept for spotting resent readings."""
-        with connection:
+        with transaction(connection):
             connection.execute(
                 "DELETE FROM readings WHERE ts_ms < ? AND id NOT IN (SELECT id FROM outbox)"
                 " AND id NOT IN (SELECT id FROM set_aside)",
@@ -1005,6 +1005,19 @@ class SQLiteStore:
 
 PENDING = "AND id IN (SELECT id FROM outbox)"
 HISTORY_CHUNK = 1000
+
+
+@contextmanager
+def transaction(connection: sqlite3.Connection):
+    """One transaction, one commit to disk, on a connection in autocommit mode (where `with
+    connection` would leave every statement a transaction of its own)."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
 
 
 def describe_store_error(error: sqlite3.Error) -> str:
@@ -1661,11 +1674,19 @@ async def deliver_forever(store: InfluxStore, committed: asyncio.Event) -> None:
     """Keep sending the outbox to InfluxDB: at once after a commit, after a backoff on failure."""
     loop = asyncio.get_running_loop()
     thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sensorflow-deliver")
+    failures = 0
     try:
         while True:
             committed.clear()
-            wait = await loop.run_in_executor(thread, store.deliver)
-            SPOOL_BACKLOG.set((await loop.run_in_executor(thread, store.outbox_state))[0])
+            try:
+                wait = await loop.run_in_executor(thread, store.deliver)
+                SPOOL_BACKLOG.set((await loop.run_in_executor(thread, store.outbox_state))[0])
+                failures = 0
+            except sqlite3.Error as error:  # the spool is busy or cannot be written: try again
+                if not failures:
+                    log.warning("the InfluxDB delivery cannot update the spool: %s", error)
+                failures += 1
+                wait = BACKOFF_SECONDS[min(failures, len(BACKOFF_SECONDS)) - 1]
             if wait == 0:
                 continue
             try:

@@ -6,6 +6,7 @@ database fail on purpose run on the stand-in only.
 """
 
 import os
+import sqlite3
 import threading
 import time
 import uuid
@@ -224,6 +225,28 @@ def test_hanging_or_unavailable_database_still_acknowledges_into_the_spool(
     assert [answer.status_code for answer in answers] == [201] * 20
     assert during["influxdb"] == "down" and during["spool_backlog"] > 0
     assert len(stored_rows(influx[0], database)) == 20
+
+
+@needs_standin
+def test_delivery_goes_on_after_the_spool_was_locked_longer_than_it_waits(influx, influx_server):
+    server = influx_server(INFLUX_WRITE_TIMEOUT="1")
+    standin = influx[1]
+    standin.set_mode("503")
+    answers = [post(server, {"sensor_id": "locked", "temperature": i}) for i in range(10)]
+
+    holder = sqlite3.connect(server.db_path, isolation_level=None, timeout=10)
+    holder.execute("BEGIN IMMEDIATE")  # another program holds the write lock...
+    standin.set_mode("normal")  # ...when the delivery is through and must update the spool
+    time.sleep(8)  # it retries within 2 s, then waits 5 s for the lock and gives up
+    holder.execute("ROLLBACK")
+    holder.close()
+    store = wait_for_delivery(server, timeout=30)
+    server.stop()
+
+    assert [answer.status_code for answer in answers] == [201] * 10
+    assert store["spool_backlog"] == 0
+    assert "the InfluxDB delivery cannot update the spool: database is locked" in server.log()
+    assert len(stored_rows(influx[0], server.env["INFLUX_DATABASE"])) == 10
 
 
 @needs_standin
