@@ -1076,7 +1076,8 @@ def build_tables(bench: Bench) -> tuple[list[str], list[tuple[str, str, str]]]:
     lines += [
         "",
         "Ours / bare is the median of the per-run ratios (each run of ours follows one of bare)."
-        " Server CPU is user + system time of the server process, all threads. Runs marked *"
+        " Server CPU is user + system time of the server process and its writer process, all"
+        " threads. Runs marked *"
         " had another job on the machine taking over"
         f" {bench.options.max_other_cores:g} cores in every attempt.",
         "",
