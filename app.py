@@ -59,7 +59,7 @@ from datetime import datetime
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from operator import attrgetter
 from pathlib import Path
-from urllib.parse import parse_qsl, unquote_plus
+from urllib.parse import parse_qsl, quote, unquote_plus
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from dotenv import load_dotenv
@@ -614,13 +614,26 @@ class SQLiteStore:
         return connection
 
     def connect_reader(self) -> sqlite3.Connection:
-        connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        """A connection that only reads, and never makes a file: were the database moved away,
+        an empty one made in its place would make SQLite drop the write-ahead log beside it."""
+        address = "file:" + quote(str(self.path.resolve())) + "?mode=ro"
+        connection = sqlite3.connect(
+            address, uri=True, isolation_level=None, check_same_thread=False
+        )
         connection.execute("PRAGMA query_only=1")
         return connection
 
     def open(self) -> None:
         """Open for writing, making the tables as needed: in the writer process."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        log_file = self.path.with_name(self.path.name + "-wal")
+        if not self.path.exists() and log_file.exists() and log_file.stat().st_size:
+            # A new database here would make SQLite drop that log, and the readings in it.
+            raise OSError(
+                f"{log_file.name} is there without {self.path.name}: the database was moved or"
+                f" deleted without it. Put {self.path.name} back, or remove {log_file.name} to"
+                " start an empty database"
+            )
         self.writer = self.connect()
         self.identity = file_identity(self.path)
         self.writer.executescript("""
@@ -1031,7 +1044,10 @@ def describe_store_error(error: sqlite3.Error) -> str:
     return f"the database cannot be written ({getattr(error, 'sqlite_errorname', 'error')})"
 
 
-MOVED_FILE = "the database file was moved, replaced or deleted while the server ran: restart it"
+MOVED_FILE = (
+    "the database file was moved, replaced or deleted while the server ran: stop the server and"
+    " put the file back, with the -wal file beside it, before starting it again"
+)
 
 
 def file_identity(path: Path) -> tuple[int, int] | None:
@@ -1080,12 +1096,14 @@ class InfluxStore:
         self.influx_state = "starting"
         self.influx_detail: str | None = None
         self.failures = 0
-        self.connection: sqlite3.Connection | None = None
+        self.connection: sqlite3.Connection | None = None  # the delivery thread's
+        self.state_connection: sqlite3.Connection | None = None
 
     def close(self) -> None:
         self.client.close()
-        if self.connection is not None:
-            self.connection.close()
+        for connection in (self.connection, self.state_connection):
+            if connection is not None:
+                connection.close()
 
     # Delivery: called only from the delivery thread.
 
@@ -1133,10 +1151,10 @@ class InfluxStore:
         except urllib3.exceptions.HTTPError as error:
             reason = "timed out" if "timeout" in type(error).__name__.lower() else "unreachable"
             return self.down(f"InfluxDB {reason}", None)
-        self.local.outbox_done(self.connection, [reading.id for reading in batch], set_aside)
-        if self.influx_state != "up":
+        if self.influx_state == "down":
             log.info("InfluxDB accepts writes again")
         self.influx_state, self.influx_detail, self.failures = "up", None, 0
+        self.local.outbox_done(self.connection, [reading.id for reading in batch], set_aside)
         return 0
 
     def down(self, detail: str, retry_after: str | None) -> float:
@@ -1151,9 +1169,11 @@ class InfluxStore:
         return backoff
 
     def outbox_state(self) -> tuple[int, int | None, int]:
-        if self.connection is None:
-            self.connection = self.local.connect()
-        return self.local.outbox_state(self.connection)
+        """For health and metrics, on a connection of its own: the delivery's may be waiting
+        for the write lock."""
+        if self.state_connection is None:
+            self.state_connection = self.local.connect_reader()
+        return self.local.outbox_state(self.state_connection)
 
     # Reads: called from the reader thread.
 

@@ -1,6 +1,7 @@
 """SensorFlow Server, specified by its behaviour against a real uvicorn server on 127.0.0.1."""
 
 import base64
+import contextlib
 import csv
 import io
 import json
@@ -1422,16 +1423,31 @@ def test_the_server_stops_with_a_clear_message_when_its_writer_process_dies(make
     assert [reading["temperature"] for reading in history] == [float(i) for i in range(11)]
 
 
-def test_a_database_file_moved_away_while_running_refuses_writes(server):
+def test_a_database_file_moved_away_while_running_refuses_writes_and_loses_nothing(
+    make_server, tmp_path
+):
+    server = make_server()
     first = post_reading(server, {"sensor_id": "m", "temperature": 1})
-    server.db_path.rename(server.db_path.with_name("moved.db"))
+    moved = server.db_path.with_name("moved.db")
+    server.db_path.rename(moved)  # its write-ahead log, holding the reading, stays behind
 
     refused = post_reading(server, {"sensor_id": "m", "temperature": 2})
     health = requests.get(server.url + "/api/v1/health", timeout=10)
+    with contextlib.suppress(requests.RequestException):  # (the answer breaks off)
+        server.get("/api/v1/sensor/m/readings")  # a read must not make a new, empty database
+    made_anew = server.db_path.exists()
+    server.kill()
+    with pytest.raises(RuntimeError) as refused_start:
+        Server(tmp_path).start(timeout=10)
+    moved.rename(server.db_path)
+    history = make_server(tmp_path).get("/api/v1/sensor/m/readings").json()["readings"]
 
     assert first.status_code == 201
     assert refused.status_code == 503 and "moved" in refused.json()["detail"]
-    assert health.status_code == 503 and "restart" in health.json()["store"]["detail"]
+    assert health.status_code == 503 and "put the file back" in health.json()["store"]["detail"]
+    assert not made_anew
+    assert "sensorflow.db-wal is there without sensorflow.db" in str(refused_start.value)
+    assert [reading["temperature"] for reading in history] == [1.0]
 
 
 def test_websocket_connects_count_against_the_address_rate_limit(make_server):
