@@ -852,10 +852,13 @@ class SQLiteStore:
         self.writer = None
 
     def probe(self) -> None:
-        """Write one small row, to learn whether the store takes writes again."""
+        """Write a row as large as a batch of readings, to learn whether the store takes writes
+        again: a tiny one can fit where a real write no longer does."""
         self.begin()
         self.guard(
-            self.writer.execute, "INSERT OR REPLACE INTO meta VALUES ('probe', ?)", (time.time(),)
+            self.writer.execute,
+            "INSERT OR REPLACE INTO meta VALUES ('probe', zeroblob(?))",
+            (PROBE_BYTES,),
         )
         self.guard(self.writer.execute, "COMMIT")
         self.write_error = None
@@ -1044,6 +1047,7 @@ def describe_store_error(error: sqlite3.Error) -> str:
     return f"the database cannot be written ({getattr(error, 'sqlite_errorname', 'error')})"
 
 
+PROBE_BYTES = 256 * 1024
 MOVED_FILE = (
     "the database file was moved, replaced or deleted while the server ran: stop the server and"
     " put the file back, with the -wal file beside it, before starting it again"
@@ -1444,6 +1448,10 @@ class WriterProcess(asyncio.Protocol):
         """Learn whether the store takes writes again (it raises StoreError if not)."""
         await self.request("probe", None, None)
 
+    async def ping(self) -> None:
+        """Answered once the writer has finished what it was sent before."""
+        await self.request("ping", None, None)
+
     def request(self, kind: str, payload, readings: list[Reading] | None) -> asyncio.Future:
         if self.transport is None or self.transport.is_closing():
             raise StoreError(self.write_error or "the store's writer process has stopped")
@@ -1520,9 +1528,8 @@ class WriterProcess(asyncio.Protocol):
 
     async def stop(self) -> None:
         """Let the last requests be committed, then close the channel, which ends the writer
-        (it commits what it has been sent, answered or not). Waits WRITER_EXIT_SECONDS at most
-        for each, so a stuck writer cannot hold the server up."""
-        for _ in range(WRITER_EXIT_SECONDS * 100):
+        (it commits what it has been sent, answered or not). A stuck writer is killed."""
+        for _ in range(ANSWER_WAIT_SECONDS * 100):
             if not self.waiting or self.transport.is_closing():
                 break
             await asyncio.sleep(0.01)
@@ -1540,7 +1547,8 @@ class WriterProcess(asyncio.Protocol):
         os.waitpid(self.pid, 0)
 
 
-WRITER_EXIT_SECONDS = 10
+ANSWER_WAIT_SECONDS = 3  # at stop, for the last answers (requests had uvicorn's 10 s already)
+WRITER_EXIT_SECONDS = 5  # then for the writer to end
 WRITER_LOST = (
     "the store's writer process stopped during this write, perhaps after storing it: resend it"
     " with its timestamp, so that a reading already stored is not stored twice"
@@ -1590,6 +1598,7 @@ def run_writer(store: SQLiteStore, channel: socket.socket) -> None:
         writes = [(number, rows) for kind, number, rows in requests if kind == "write"]
         answers, seconds = commit_writes(store, writes) if writes else ([], None)
         answers += [(number, probe_store(store)) for kind, number, _ in requests if kind == "probe"]
+        answers += [(number, None) for kind, number, _ in requests if kind == "ping"]
         try:
             channel.sendall(message_bytes((answers, store.write_error, store.commits, seconds)))
         except OSError:  # the server has gone (killed): what it sent is committed; end quietly
@@ -1977,7 +1986,10 @@ class Post:
         try:
             return await self.state.writer.write(readings)
         except OutcomeUnknown as error:
-            raise ApiError(503, "storage failed during the write: resend", str(error)) from None
+            detail = str(error)
+            if len(readings) == 1 and not readings[0].device_clock:  # the time we gave it
+                detail += f"; this reading's timestamp was {format_timestamp(readings[0].ts_ms)}"
+            raise ApiError(503, "storage failed during the write: resend", detail) from None
         except StoreError as error:
             raise ApiError(503, "storage unavailable, reading not stored", str(error)) from None
 
@@ -2380,13 +2392,13 @@ async def health(request: Request) -> Response:
     """State for people and monitors; 503 when no reading can be stored. No key, no paths."""
     state = request.app.state
     writer = state.writer
-    if writer.write_error is not None:
-        try:
-            await asyncio.wait_for(writer.probe(), STALLED_SECONDS)
-        except (StoreError, TimeoutError):
-            pass
+    try:  # a store that failed is tried again; a working one must still answer in time
+        check = writer.probe() if writer.write_error is not None else writer.ping()
+        await asyncio.wait_for(check, STALLED_SECONDS)
+    except (StoreError, TimeoutError):
+        pass
     writable, detail = writer.write_error is None, writer.write_error
-    if writable and (stalled := writer.stalled_for()) > STALLED_SECONDS:
+    if writable and (stalled := writer.stalled_for()) >= STALLED_SECONDS:
         writable, detail = False, f"writes have waited {stalled:.0f} s for the disk or the lock"
     store = {"kind": "sqlite", "writable": writable, "detail": detail, "commits": writer.commits}
     healthy = writable

@@ -1383,6 +1383,7 @@ def test_a_stuck_writer_shows_in_health_and_clears_when_it_goes_on(server):
 
     os.kill(writer_pid, signal.SIGSTOP)
     try:
+        idle = wait_for_health(server, 503)  # nothing waits to be written: health finds it
         with ThreadPoolExecutor(1) as pool:
             waiting = pool.submit(post_reading, server, {"sensor_id": "stuck", "temperature": 1})
             stuck = wait_for_health(server, 503)
@@ -1392,6 +1393,7 @@ def test_a_stuck_writer_shows_in_health_and_clears_when_it_goes_on(server):
         os.kill(writer_pid, signal.SIGCONT)
     well = wait_for_health(server, 200)
 
+    assert idle["status"] == "degraded" and "waited" in idle["store"]["detail"]
     assert stuck["status"] == "degraded" and "waited" in stuck["store"]["detail"]
     assert answer.status_code == 201
     assert well["status"] == "healthy"
@@ -1414,7 +1416,8 @@ def test_the_server_stops_with_a_clear_message_when_its_writer_process_dies(make
 
     assert all(answer.status_code == 201 for answer in before)
     assert answer.status_code == 503  # not "not stored": the writer may have stored it
-    assert "resend" in answer.json()["error"] and "timestamp" in answer.json()["detail"]
+    assert "resend" in answer.json()["error"]
+    assert "this reading's timestamp was 20" in answer.json()["detail"]  # to resend it with
     assert exit_code != 0
     assert "writer process ended unexpectedly" in server.log()
     assert "writer process was killed by signal SIGKILL" in server.log()
