@@ -674,9 +674,10 @@ class SQLiteStore:
     def begin(self) -> None:
         """Take the write lock, waiting for another connection (the InfluxDB delivery, another
         program) to let go of it, up to LOCK_WAIT_SECONDS from when it was first found held:
-        writes queued meanwhile do not each wait anew."""
-        if self.locked_since is None:
-            self.locked_since = time.monotonic()
+        writes queued meanwhile do not each wait anew. A second later, a write waits anew."""
+        now = time.monotonic()
+        if self.locked_since is None or now - self.locked_since > LOCK_WAIT_SECONDS + 1:
+            self.locked_since = now
         while not self.guard(self.take_write_lock):
             if time.monotonic() - self.locked_since > LOCK_WAIT_SECONDS:
                 self.write_error = "another program holds the database's write lock"

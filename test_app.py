@@ -1102,14 +1102,15 @@ def test_write_lock_held_too_long_by_another_program_gives_503_within_5_s_and_he
         results = [early.result(timeout=20), late.result(timeout=20)]
     health = requests.get(server.url + "/api/v1/health", timeout=10)
     other.execute("COMMIT")
-    after = post_reading(server, {"sensor_id": "after", "temperature": 3})
-    other.execute("BEGIN IMMEDIATE")  # a short hold later waits afresh
+    time.sleep(1.5)  # no write meanwhile
+    other.execute("BEGIN IMMEDIATE")  # a short hold a moment later is waited for afresh
     with ThreadPoolExecutor(1) as pool:
         again = pool.submit(post_reading, server, {"sensor_id": "again", "temperature": 4})
         time.sleep(0.5)
         other.execute("COMMIT")
         again = again.result(timeout=10)
     other.close()
+    after = post_reading(server, {"sensor_id": "after", "temperature": 3})
 
     assert [status for status, _, _ in results] == [503, 503]
     assert again.status_code == 201
