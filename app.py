@@ -2330,7 +2330,11 @@ async def live_updates(scope, receive, send, state) -> None:
     if not keys_match(key, state.settings.ws_keys):
         await send_close(send, 1008, "missing or wrong API key")
         return
-    subscriber = state.subscribers.join(key, query.get("sensor_id") or None)
+    sensor_id = query.get("sensor_id") or None
+    if sensor_id is not None and not is_sensor_id(sensor_id):  # it would never match
+        await send_close(send, 1008, "sensor_id must be 1-64 letters, digits or _ - . :")
+        return
+    subscriber = state.subscribers.join(key, sensor_id)
     if subscriber is None:
         await send_close(send, 1008, f"at most {state.settings.max_ws_per_key} connections per key")
         return

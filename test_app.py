@@ -517,6 +517,15 @@ def test_websocket_with_missing_or_wrong_key_is_closed_with_policy_violation(ser
     assert "key" in closed.value.rcvd.reason
 
 
+def test_a_sensor_id_filter_that_could_never_match_is_refused(server):
+    with subscribe(server, query="sensor_id=bad%20id") as live:
+        with pytest.raises(ConnectionClosed) as closed:
+            live.recv(timeout=5)
+
+    assert closed.value.rcvd.code == 1008
+    assert "sensor_id must be" in closed.value.rcvd.reason
+
+
 def test_sensor_id_parameter_limits_the_stream(server):
     with subscribe(server, "sensor_id=only-me") as live:
         post_reading(server, {"sensor_id": "other", "temperature": 1})
