@@ -403,8 +403,11 @@ def test_fields_and_ranges_are_settings(make_server):
 def test_bad_setting_stops_the_server_with_a_clear_message(tmp_path, name, value):
     server = Server(tmp_path, **{name: value})
 
-    with pytest.raises(RuntimeError) as failure:
-        server.start(timeout=10)
+    try:
+        with pytest.raises(RuntimeError) as failure:
+            server.start(timeout=10)
+    finally:
+        server.stop()  # (were it to start after all)
 
     assert f"SensorFlow cannot start: {name}" in str(failure.value)
     assert "Traceback" not in str(failure.value)
@@ -1450,8 +1453,12 @@ def test_a_database_file_moved_away_while_running_refuses_writes_and_loses_nothi
         server.get("/api/v1/sensor/m/readings")  # a read must not make a new, empty database
     made_anew = server.db_path.exists()
     server.kill()
-    with pytest.raises(RuntimeError) as refused_start:
-        Server(tmp_path).start(timeout=10)
+    second = Server(tmp_path)
+    try:
+        with pytest.raises(RuntimeError) as refused_start:
+            second.start(timeout=10)
+    finally:
+        second.stop()  # (were it to start after all)
     moved.rename(server.db_path)
     history = make_server(tmp_path).get("/api/v1/sensor/m/readings").json()["readings"]
 
