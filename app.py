@@ -652,9 +652,16 @@ class SQLiteStore:
         for name in self.fields:
             if name not in known:  # a field added to FIELDS gets its column; old rows keep NULL
                 self.writer.execute(f'ALTER TABLE readings ADD COLUMN "{name}" REAL')
-        for sensor_id, fields in self.writer.execute("SELECT sensor_id, fields FROM sensors"):
-            self.sensor_fields[sensor_id] = set(filter(None, fields.split(",")))
+        self.load_sensor_fields()
         self.writer.execute("PRAGMA busy_timeout=0")  # waiting for the lock: see begin
+
+    def load_sensor_fields(self) -> None:
+        """Which fields each sensor has sent, as stored: kept in memory for the sensors table."""
+        self.sensor_fields = {
+            sensor_id: set(filter(None, fields.split(",")))
+            for sensor_id, fields in self.writer.execute("SELECT sensor_id, fields FROM sensors")
+        }
+        self.fields_unsure = False
 
     def open_reader(self) -> None:
         """Open for reading, in the server, once the writer process has made the tables."""
@@ -701,13 +708,7 @@ class SQLiteStore:
         last_id = self.writer.execute("SELECT max(id) FROM readings").fetchone()[0] or 0
         self.next_id = max(self.next_id, last_id + 1)
         if self.fields_unsure:
-            self.sensor_fields = {
-                sensor_id: set(filter(None, fields.split(",")))
-                for sensor_id, fields in self.writer.execute(
-                    "SELECT sensor_id, fields FROM sensors"
-                )
-            }
-            self.fields_unsure = False
+            self.load_sensor_fields()
         return True
 
     def insert(self, jobs: list[list[Reading]]) -> list[WriteResult]:
@@ -1065,6 +1066,13 @@ def file_identity(path: Path) -> tuple[int, int] | None:
 
 DELIVERY_BATCH = 5000
 BACKOFF_SECONDS = (0.5, 1, 2, 5, 10)
+
+
+def backoff_seconds(failures: int) -> float:
+    """How long to wait before the next try, after this many failures in a row (at least 1)."""
+    return BACKOFF_SECONDS[min(failures, len(BACKOFF_SECONDS)) - 1]
+
+
 RESEND_WINDOW_MS = 24 * 3600 * 1000  # delivered readings kept locally to spot a resend
 INFLUX_TIME_LIMIT_MS = (2**63 - 1) // 1_000_000  # InfluxDB times are int64 nanoseconds
 
@@ -1168,7 +1176,7 @@ class InfluxStore:
             log.warning("%s: readings wait in the local spool", detail)
         self.influx_state, self.influx_detail = "down", detail
         self.failures += 1
-        backoff = BACKOFF_SECONDS[min(self.failures, len(BACKOFF_SECONDS)) - 1]
+        backoff = backoff_seconds(self.failures)
         if retry_after and retry_after.isdigit():
             backoff = max(backoff, min(int(retry_after), BACKOFF_SECONDS[-1]))
         return backoff
@@ -1716,7 +1724,7 @@ async def deliver_forever(store: InfluxStore, committed: asyncio.Event) -> None:
                 if not failures:
                     log.warning("the InfluxDB delivery cannot update the spool: %s", error)
                 failures += 1
-                wait = BACKOFF_SECONDS[min(failures, len(BACKOFF_SECONDS)) - 1]
+                wait = backoff_seconds(failures)
             if wait == 0:
                 continue
             try:
